@@ -1,0 +1,54 @@
+# podwire: `make demo` and `make test` are the whole set-up on a fresh Debian machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps python3
+PYTEST_ARGS ?=
+
+.PHONY: deps system-deps venv test unit integration e2e demo bench lint clean-netns
+
+deps: system-deps venv
+
+# Debian packages, installed only when one is missing.
+system-deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: deps
+	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+e2e: deps
+	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m bench.demo
+
+bench: deps
+	$(PY) -m bench.cni_latency
+
+lint: deps
+	$(PY) -m pip install -q ruff mypy
+	$(VENV)/bin/ruff check agent rpc netlink cloud cni_client tests bench
+	$(VENV)/bin/mypy
+
+# Removes namespaces and links a crashed test or demo left behind (names start with pw-).
+clean-netns:
+	$(PY) -m tests.cleanup
