@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.netns import Netns, netns
+from tests.netns import Netns, unique_name
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,12 +18,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def make_netns() -> Iterator[object]:
+def make_netns() -> Iterator[Callable[[str], Netns]]:
     """Factory fixture: ``make_netns("tag")`` returns a fresh namespace, deleted at teardown."""
     made: list[Netns] = []
 
     def make(tag: str) -> Netns:
-        ns = Netns(__import__("tests.netns", fromlist=["unique_name"]).unique_name(tag))
+        ns = Netns(unique_name(tag))
         made.append(ns)
         return ns
 
@@ -33,5 +33,3 @@ def make_netns() -> Iterator[object]:
         for ns in reversed(made):
             ns.close()
 
-
-__all__ = ["netns"]
