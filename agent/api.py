@@ -1,0 +1,130 @@
+"""The socket's methods: CNI verbs for the plugin, read and admin methods for agentctl.
+
+This is the RPC edge: lower-layer errors are mapped to CNI codes here, once (``map_error``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from agent.checkpoint import Allocation
+from agent.cni import CniService, map_error
+from agent.cni_spec import INVALID_ENV, CniError, validate
+from agent.config import Config
+from rpc.errors import RpcError
+from rpc.messages import CniParams, Peer, structure, unstructure
+
+log = logging.getLogger("podwire.api")
+
+CNI_METHODS = {
+    "cni.add": "ADD",
+    "cni.del": "DEL",
+    "cni.check": "CHECK",
+    "cni.gc": "GC",
+    "cni.status": "STATUS",
+}
+MUTATING = frozenset({"cni.add", "cni.del", "cni.check", "cni.gc", "agent.gc"})
+UNKNOWN_METHOD = 101
+
+
+def pod_row(a: Allocation, now: float) -> dict[str, Any]:
+    return {
+        "namespace": a.pod_namespace,
+        "name": a.pod_name,
+        "container_id": a.container_id,
+        "ifname": a.ifname,
+        "network": a.network,
+        "ip": str(a.ip),
+        "owner": a.owner,
+        "host_veth": a.host_veth,
+        "netns": a.netns,
+        "age_s": round(max(0.0, now - a.created_at), 1) if a.created_at else None,
+    }
+
+
+class AgentApi:
+    def __init__(self, cni: CniService, cfg: Config) -> None:
+        self.cni = cni
+        self.cfg = cfg
+        self.started_at = time.time()
+
+    async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
+        command = CNI_METHODS.get(method)
+        if command is not None:
+            return await self._cni(command, params)
+        if method == "agent.status":
+            return self.status()
+        if method == "agent.pods":
+            now = time.time()
+            return [pod_row(a, now) for a in sorted(self.cni.pods(), key=lambda a: a.ip)]
+        raise RpcError(UNKNOWN_METHOD, f"unknown method {method!r}")
+
+    async def _cni(self, command: str, params: dict[str, Any]) -> Any:
+        p = structure(params, CniParams)
+        env = unstructure(p.env)
+        started = time.perf_counter()
+        key = f"{p.config.get('name', '')}/{env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
+        try:
+            if env.get("CNI_COMMAND") != command:
+                raise CniError(
+                    INVALID_ENV, f"CNI_COMMAND {env.get('CNI_COMMAND')!r} does not match {command}"
+                )
+            req = validate(env, p.config)
+            if command == "ADD":
+                result: Any = await self.cni.add(req)
+            elif command == "DEL":
+                await self.cni.delete(req)
+                result = None
+            elif command == "CHECK":
+                await self.cni.check(req)
+                result = None
+            elif command == "GC":
+                await self.cni.gc(req)
+                result = None
+            else:
+                self.cni.status()
+                result = None
+        except Exception as e:
+            err = map_error(e)
+            log.warning(
+                f"{command} failed",
+                extra={
+                    "key": key,
+                    "code": err.code,
+                    "error": err.msg,
+                    "details": err.details,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            raise RpcError(err.code, err.msg, err.details) from None
+        log.info(
+            command,
+            extra={"key": key, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+        )
+        return result
+
+    def status(self) -> dict[str, Any]:
+        pool = self.cni.pool
+        now = self.cni.clock()
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": self.cni.ready,
+            "provider": self.cni.provider.name,
+            "socket": self.cfg.agent.socket,
+            "pods": len(self.cni.allocations),
+            "pool": {
+                "total": pool.total,
+                "assigned": pool.assigned,
+                "cooling": pool.cooling,
+                "available": pool.available(now),
+                "cooldown_s": pool.cooldown,
+            },
+            "checkpoint": {
+                "path": str(self.cni.checkpoint.path),
+                "writes": self.cni.checkpoint.writes,
+            },
+        }

@@ -1,0 +1,178 @@
+"""The allocation checkpoint: what the node has handed out, durable across agent restarts.
+
+The file (``state.json``) is the only durable state of the agent; ENI and IP inventory is
+rebuilt from the provider and the kernel at start. It is written before any ADD or DEL is
+answered: serialised on the event loop (a consistent snapshot), then temp file, fsync, rename
+and directory fsync in a worker thread. Concurrent requests share one write (group commit):
+a request that changes state while a write is in flight waits for the next write, which covers
+every change made up to its start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import cattrs
+import orjson
+
+from agent.cni_spec import PodKey
+
+FORMAT_VERSION = 1
+
+
+@attrs.frozen(kw_only=True)
+class Allocation:
+    """One attachment the agent made: who has which address, and where its links are."""
+
+    network: str
+    container_id: str
+    ifname: str
+    ip: IPv4Address
+    netns: str
+    host_veth: str
+    owner: str
+    table: int | None = None
+    pod_namespace: str = ""
+    pod_name: str = ""
+    created_at: float = 0.0  # wall clock, for ages shown to operators
+
+    @property
+    def key(self) -> PodKey:
+        return PodKey(network=self.network, container_id=self.container_id, ifname=self.ifname)
+
+
+@attrs.frozen(kw_only=True)
+class CoolingEntry:
+    ip: IPv4Address
+    released_at: float  # wall clock
+
+
+@attrs.frozen(kw_only=True)
+class Snapshot:
+    version: int = FORMAT_VERSION
+    allocations: tuple[Allocation, ...] = ()
+    cooling: tuple[CoolingEntry, ...] = ()
+
+
+class CheckpointCorrupt(Exception):
+    """The checkpoint exists but cannot be read; the agent refuses to guess."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path} is unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+_conv = cattrs.Converter()
+_conv.register_structure_hook(IPv4Address, lambda v, _: IPv4Address(v))
+_conv.register_unstructure_hook(IPv4Address, str)
+
+
+def encode(snapshot: Snapshot) -> bytes:
+    """Serialise a snapshot to the file format."""
+    return orjson.dumps(_conv.unstructure(snapshot), option=orjson.OPT_INDENT_2)
+
+
+def decode(data: bytes, path: Path = Path("state.json")) -> Snapshot:
+    """Parse the file format; raises CheckpointCorrupt."""
+    try:
+        raw = orjson.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("expected a JSON object")
+        snap = _conv.structure(raw, Snapshot)
+    except (orjson.JSONDecodeError, cattrs.BaseValidationError, ValueError, TypeError) as e:
+        raise CheckpointCorrupt(path, str(e)) from e
+    if snap.version != FORMAT_VERSION:
+        raise CheckpointCorrupt(path, f"unknown format version {snap.version}")
+    return snap
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load(path: Path) -> Snapshot:
+    """Read the checkpoint; a missing file is an empty snapshot."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Snapshot()
+    return decode(data, path)
+
+
+class Checkpoint:
+    """Group-committed writes of the snapshot that ``take_snapshot`` returns."""
+
+    def __init__(self, path: Path, take_snapshot: Callable[[], Snapshot]) -> None:
+        self.path = path
+        self._take = take_snapshot
+        self._wanted = 0  # generation of the newest change
+        self._written = 0  # generation covered by the last completed write
+        self._writing = False
+        self._done = anyio.Event()
+        self.writes = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Checkpoint {self.path} writes={self.writes} pending={self._wanted - self._written}>"
+        )
+
+    async def commit(self) -> None:
+        """Return once a write covering every change made before this call has completed.
+
+        Raises OSError if the write this call led failed; a waiter whose leader failed leads
+        the next attempt itself.
+        """
+        self._wanted += 1
+        mine = self._wanted
+        while self._written < mine:
+            if self._writing:
+                await self._done.wait()
+                continue
+            self._writing = True
+            gen = self._wanted
+            try:
+                data = encode(self._take())
+                await anyio.to_thread.run_sync(write_atomically, self.path, data)
+                self.writes += 1
+                self._written = gen
+            finally:
+                self._writing = False
+                done, self._done = self._done, anyio.Event()
+                done.set()
+
+
+def snapshot_of(
+    allocations: Iterable[Allocation], cooling: Iterable[tuple[IPv4Address, float]], mono_now: float
+) -> Snapshot:
+    """Build a snapshot; cooling times are converted from the monotonic clock to wall time."""
+    offset = time.time() - mono_now
+    return Snapshot(
+        allocations=tuple(allocations),
+        cooling=tuple(CoolingEntry(ip=ip, released_at=t + offset) for ip, t in cooling),
+    )
+
+
+def to_plain(obj: Any) -> Any:
+    """Unstructure checkpoint classes (for agentctl views)."""
+    return _conv.unstructure(obj)

@@ -1,0 +1,397 @@
+"""The CNI verbs: ADD, DEL, CHECK, GC and STATUS over the pool, the datapath and the checkpoint.
+
+Theory of operation:
+
+- One operation per key (network, container ID, ifname) at a time (``KeyLocks``).
+- ADD assigns an address and records the allocation in the checkpoint *before* wiring, so an
+  agent killed mid-ADD restarts knowing the address is taken; at start an allocation whose host
+  veth never appeared is dropped (its address cools down), one whose veth exists is kept (the
+  runtime will DEL it after the failed ADD, or ADD it again). A failed ADD undoes itself —
+  links, address, record — before answering.
+- DEL removes the host route and rules, starts the address's cooldown and records that, then
+  answers; the veth itself is deleted by a background task (deleting a veth waits 16–24 ms in
+  the kernel). An ADD whose host veth name is still being deleted waits for that deletion.
+- DEL is idempotent and succeeds when the allocation or the netns is already gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from agent.checkpoint import Allocation, Checkpoint, Snapshot, snapshot_of
+from agent.cni_spec import (
+    CHECK_FAILED,
+    INTERNAL,
+    INVALID_ENV,
+    STATUS_UNAVAILABLE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+    AddOutcome,
+    CniError,
+    CniRequest,
+    PodKey,
+    prev_result_ip,
+    render_add_result,
+)
+from agent.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
+from cloud.provider import Provider
+from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
+from netlink.names import host_veth_name
+from netlink.veth import PodNet, WiredPod
+
+log = logging.getLogger("podwire.cni")
+
+
+class DatapathPort(Protocol):
+    """The datapath as the CNI service sees it (netlink's Datapath run in worker threads)."""
+
+    async def wire(self, pod: PodNet) -> WiredPod: ...
+    async def check(self, pod: PodNet) -> list[str]: ...
+    async def unwire_host(self, pod: PodNet) -> None: ...
+    async def delete_link(self, host_veth: str) -> None: ...
+    async def host_veths(self) -> dict[str, int]: ...
+    async def link_exists(self, name: str) -> bool: ...
+
+
+class KeyLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[PodKey, tuple[anyio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: PodKey) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (anyio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def busy(self, key: PodKey) -> bool:
+        return key in self._locks
+
+
+class CniService:
+    """Serves the CNI verbs; owns the allocations and their checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        pool: IpPool,
+        datapath: DatapathPort,
+        provider: Provider,
+        checkpoint_path: Any,
+        mtu: int,
+        add_wait: float = 2.0,
+        wire_timeout: float = 10.0,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self.pool = pool
+        self.datapath = datapath
+        self.provider = provider
+        self.mtu = mtu
+        self.add_wait = add_wait
+        self.wire_timeout = wire_timeout
+        self.clock = clock
+        self.allocations: dict[PodKey, Allocation] = {}
+        self.checkpoint = Checkpoint(checkpoint_path, self.snapshot)
+        self.locks = KeyLocks()
+        self.ready = False
+        self.pool_changed = anyio.Event()
+        self.demand = anyio.Event()
+        self._deleting: dict[str, anyio.Event] = {}
+        self._delete_send, self._delete_recv = anyio.create_memory_object_stream[str](10_000)
+
+    def __repr__(self) -> str:
+        return f"<CniService allocations={len(self.allocations)} pool={self.pool!r}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return snapshot_of(self.allocations.values(), self.pool.cooling_items(), self.clock())
+
+    async def restore(self, snap: Snapshot) -> list[tuple[Allocation, str]]:
+        """Rebuild the pool from the provider and match the checkpoint against the kernel.
+
+        Returns the allocations dropped, each with the reason. Writes the checkpoint.
+        """
+        for block in await self.provider.inventory():
+            self.pool.add_block(block.owner, block.ips, table=block.table)
+        now, wall = self.clock(), time.time()
+        for c in snap.cooling:
+            self.pool.cool(c.ip, now - max(0.0, wall - c.released_at))
+        live = await self.datapath.host_veths()
+        dropped: list[tuple[Allocation, str]] = []
+        for a in snap.allocations:
+            if a.host_veth not in live:
+                dropped.append((a, "pod link is gone"))
+                self.pool.cool(a.ip, now)
+                continue
+            try:
+                self.pool.claim(a.ip, a.key)
+            except AddressUnknown:
+                dropped.append((a, f"{a.ip} is no longer owned by this node"))
+                continue
+            except AddressTaken as e:
+                dropped.append((a, f"{a.ip} is also recorded for {e.holder}"))
+                continue
+            self.allocations[a.key] = a
+        for a, why in dropped:
+            log.warning(
+                "dropped allocation", extra={"key": str(a.key), "ip": str(a.ip), "reason": why}
+            )
+        await self.checkpoint.commit()
+        self.ready = True
+        return dropped
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Delete veths handed over by DEL, off the reply path, a few at a time."""
+        slots = anyio.Semaphore(4)
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            async for name in self._delete_recv:
+                await slots.acquire()
+                tg.start_soon(self._delete_one, name, slots)
+
+    async def _delete_one(self, name: str, slots: anyio.Semaphore) -> None:
+        try:
+            await self.datapath.delete_link(name)
+        except NetlinkError as e:
+            log.warning("veth deletion failed", extra={"veth": name, "error": str(e)})
+        finally:
+            slots.release()
+            done = self._deleting.pop(name, None)
+            if done is not None:
+                done.set()
+
+    def _schedule_delete(self, name: str) -> None:
+        if name in self._deleting:
+            return
+        self._deleting[name] = anyio.Event()
+        self._delete_send.send_nowait(name)
+
+    async def _await_deletion(self, name: str) -> None:
+        pending = self._deleting.get(name)
+        if pending is not None:
+            await pending.wait()
+
+    def notify_pool_changed(self) -> None:
+        """Called by whoever adds addresses to the pool: wakes ADDs waiting for one."""
+        event, self.pool_changed = self.pool_changed, anyio.Event()
+        event.set()
+
+    # -- verbs --------------------------------------------------------------------------------
+
+    def _pod(self, a: Allocation, netns: str | None = None) -> PodNet:
+        return PodNet(
+            netns=netns or a.netns,
+            ifname=a.ifname,
+            host_veth=a.host_veth,
+            ip=a.ip,
+            mtu=self.mtu,
+            table=a.table,
+        )
+
+    async def add(self, req: CniRequest) -> dict[str, Any]:
+        """Wire the pod and return the ADD result in the config's version; raises CniError."""
+        key = req.key
+        async with self.locks.hold(key):
+            old = self.allocations.get(key)
+            if old is not None:
+                # The runtime retries an ADD it got no answer to: start over with the same IP.
+                await self._teardown(old, keep_record=True)
+                lease = Lease(ip=old.ip, owner=old.owner, table=old.table)
+            else:
+                lease = await self._acquire(key)
+            alloc = Allocation(
+                network=key.network,
+                container_id=key.container_id,
+                ifname=key.ifname,
+                ip=lease.ip,
+                netns=req.netns,
+                host_veth=host_veth_name(key.network, key.container_id, key.ifname),
+                owner=lease.owner,
+                table=lease.table,
+                pod_namespace=req.pod_namespace,
+                pod_name=req.pod_name,
+                created_at=old.created_at if old else time.time(),
+            )
+            self.allocations[key] = alloc
+            wired: WiredPod | None = None
+            try:
+                await self.checkpoint.commit()
+                await self._await_deletion(alloc.host_veth)
+                with anyio.fail_after(self.wire_timeout):
+                    wired = await self.datapath.wire(self._pod(alloc))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_add(alloc, wired)
+                raise
+        mtu = req.conf.mtu or self.mtu
+        out = AddOutcome(
+            ifname=req.ifname,
+            netns=req.netns,
+            pod_mac=wired.pod_mac,
+            host_veth=alloc.host_veth,
+            host_mac=wired.host_mac,
+            ip=alloc.ip,
+            mtu=mtu,
+        )
+        return render_add_result(req.conf.cni_version, out, req.conf.dns)
+
+    async def _acquire(self, key: PodKey) -> Lease:
+        deadline = self.clock() + self.add_wait
+        while True:
+            try:
+                return self.pool.assign(key, self.clock())
+            except PoolExhausted as e:
+                remaining = deadline - self.clock()
+                if not self.provider.can_grow or remaining <= 0:
+                    raise CniError(TRY_AGAIN_LATER, "no IP address available", e.reason) from None
+                self.demand.set()
+                with anyio.move_on_after(remaining):
+                    await self.pool_changed.wait()
+
+    async def _undo_add(self, alloc: Allocation, wired: WiredPod | None) -> None:
+        try:
+            if wired is not None:
+                await self.datapath.unwire_host(self._pod(alloc))
+                await self.datapath.delete_link(alloc.host_veth)
+        except NetlinkError as e:  # the netns may be gone; GC collects what is left
+            log.warning(
+                "undo of a failed ADD incomplete", extra={"key": str(alloc.key), "error": str(e)}
+            )
+        self.allocations.pop(alloc.key, None)
+        self.pool.release(alloc.ip, self.clock())
+        try:
+            await self.checkpoint.commit()
+        except OSError as e:
+            log.error("checkpoint write failed while undoing ADD", extra={"error": str(e)})
+
+    async def _teardown(self, alloc: Allocation, *, keep_record: bool) -> None:
+        """Remove the datapath of ``alloc`` now (not in the background)."""
+        await self._await_deletion(alloc.host_veth)
+        await self.datapath.unwire_host(self._pod(alloc))
+        await self.datapath.delete_link(alloc.host_veth)
+        if not keep_record:
+            self.allocations.pop(alloc.key, None)
+
+    async def delete(self, req: CniRequest) -> None:
+        """Release the attachment; succeeds when it or its netns is already gone."""
+        async with self.locks.hold(req.key):
+            await self._release(req.key)
+
+    async def _release(self, key: PodKey) -> Allocation | None:
+        alloc = self.allocations.get(key)
+        if alloc is None:
+            name = host_veth_name(key.network, key.container_id, key.ifname)
+            if await self.datapath.link_exists(name):
+                self._schedule_delete(name)
+            return None
+        await self.datapath.unwire_host(self._pod(alloc))
+        del self.allocations[key]
+        self.pool.release(alloc.ip, self.clock())
+        await self.checkpoint.commit()
+        self._schedule_delete(alloc.host_veth)
+        return alloc
+
+    async def check(self, req: CniRequest) -> None:
+        """Raise CniError naming what is missing from what ADD made."""
+        alloc = self.allocations.get(req.key)
+        if alloc is None:
+            raise CniError(UNKNOWN_CONTAINER, "no allocation for this container", str(req.key))
+        want = prev_result_ip(req.conf.prev_result)
+        if want is not None and want != alloc.ip:
+            raise CniError(
+                CHECK_FAILED,
+                "address differs from prevResult",
+                f"prevResult {want}, allocated {alloc.ip}",
+            )
+        try:
+            missing = await self.datapath.check(self._pod(alloc, req.netns))
+        except NetnsNotFound:
+            raise CniError(CHECK_FAILED, "network namespace is gone", req.netns) from None
+        if missing:
+            raise CniError(
+                CHECK_FAILED, "pod network is incomplete", "missing: " + "; ".join(missing)
+            )
+
+    async def gc(self, req: CniRequest) -> list[Allocation]:
+        """Release every allocation of this network absent from the valid attachments."""
+        valid = set(req.conf.valid_attachments or ())
+        stale = [
+            k
+            for k in list(self.allocations)
+            if k.network == req.conf.name and (k.container_id, k.ifname) not in valid
+        ]
+        released, errors = [], []
+        for key in stale:
+            if self.locks.busy(key):
+                continue  # an ADD or DEL is running for it: not garbage
+            try:
+                async with self.locks.hold(key):
+                    alloc = await self._release(key)
+            except (NetlinkError, OSError) as e:
+                errors.append(f"{key}: {e}")
+                continue
+            if alloc is not None:
+                released.append(alloc)
+                log.info("gc released", extra={"key": str(key), "ip": str(alloc.ip)})
+        if errors:
+            raise CniError(
+                INTERNAL, f"GC failed for {len(errors)} attachment(s)", "; ".join(errors)
+            )
+        return released
+
+    def status(self) -> None:
+        """Raise CniError(50) unless an ADD could be served now or soon."""
+        if not self.ready:
+            raise CniError(STATUS_UNAVAILABLE, "agent is restoring its state")
+        if self.provider.can_grow:
+            return
+        if self.pool.available(self.clock()) == 0 and self.pool.cooling == 0:
+            total = self.pool.total
+            why = "no pod addresses configured" if total == 0 else f"all {total} addresses in use"
+            raise CniError(STATUS_UNAVAILABLE, "no IP address available", why)
+
+    def pods(self) -> Iterable[Allocation]:
+        return self.allocations.values()
+
+
+def map_error(exc: Exception) -> CniError:
+    """Map what the lower layers raise to the CNI error a runtime sees (done once, here)."""
+    if isinstance(exc, CniError):
+        return exc
+    if isinstance(exc, NetnsNotFound):
+        return CniError(INVALID_ENV, "network namespace does not exist", exc.path)
+    if isinstance(exc, NotANetns):
+        return CniError(INVALID_ENV, "CNI_NETNS is not a network namespace", exc.path)
+    if isinstance(exc, LinkExists):
+        return CniError(INVALID_ENV, "interface already exists in the network namespace", str(exc))
+    if isinstance(exc, TimeoutError):
+        return CniError(TRY_AGAIN_LATER, "datapath operation timed out")
+    if isinstance(exc, NetlinkError):
+        return CniError(INTERNAL, "datapath operation failed", str(exc))
+    if isinstance(exc, OSError):
+        return CniError(5, "I/O failure", str(exc))
+    return CniError(INTERNAL, "internal error", f"{type(exc).__name__}: {exc}")
+
+
+def ip_list(allocs: Iterable[Allocation]) -> list[IPv4Address]:
+    return [a.ip for a in allocs]

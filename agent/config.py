@@ -1,0 +1,218 @@
+"""Agent configuration: a TOML file, then environment overrides, then checks.
+
+Every setting has a dotted name (``static.cidrs``) and can be overridden by
+``PODWIRE_<SECTION>_<KEY>`` (``PODWIRE_STATIC_CIDRS=10.0.1.0/24,10.0.2.0/24``). The pool and
+SNAT knobs also accept Amazon VPC CNI's variable names so a cluster can move over without
+rewriting its settings. Where each effective value came from is kept for ``agentctl config``.
+A bad setting raises ConfigError naming the setting and the reason: the agent prints that one
+line and stops.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+DEFAULT_PATH = Path("/etc/podwire/agent.toml")
+
+
+class ConfigError(Exception):
+    """A setting is invalid; ``setting`` is its dotted name."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"invalid setting {setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+@attrs.frozen(kw_only=True)
+class AgentSection:
+    socket: str = "/run/podwire/agent.sock"
+    state_dir: str = "/run/podwire"
+    spool_dir: str = "/run/podwire/spool"
+    socket_group: str = ""
+    request_timeout: float = 30.0
+    mtu: int = 0  # 0: 9001 on aws (jumbo frames in a VPC), 1500 otherwise
+    ip_forward: bool = True
+    add_wait: float = 2.0  # how long an ADD waits for the pool to grow before code 11
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+
+@attrs.frozen(kw_only=True)
+class ProviderSection:
+    kind: Literal["static", "aws"] = "static"
+
+
+@attrs.frozen(kw_only=True)
+class StaticSection:
+    cidrs: tuple[IPv4Network, ...] = ()
+    reserved: tuple[IPv4Address, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class IpamSection:
+    cooldown: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    agent: AgentSection = AgentSection()
+    provider: ProviderSection = ProviderSection()
+    static: StaticSection = StaticSection()
+    ipam: IpamSection = IpamSection()
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def mtu(self) -> int:
+        if self.agent.mtu:
+            return self.agent.mtu
+        return 9001 if self.provider.kind == "aws" else 1500
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.agent.state_dir) / "state.json"
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "agent": AgentSection,
+    "provider": ProviderSection,
+    "static": StaticSection,
+    "ipam": IpamSection,
+}
+
+# Amazon VPC CNI variable -> (setting, converter of its value)
+VPC_CNI_ALIASES: dict[str, str] = {
+    "IP_COOLDOWN_PERIOD": "ipam.cooldown",
+    "AWS_VPC_ENI_MTU": "agent.mtu",
+}
+
+
+def _fields(section: str) -> dict[str, attrs.Attribute[Any]]:
+    return {a.name: a for a in attrs.fields(SECTIONS[section])}
+
+
+def _convert(setting: str, attr: attrs.Attribute[Any], value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type; raises ConfigError."""
+    typ = attr.type
+    text = isinstance(value, str)
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            if text and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if typ == "str" or (isinstance(typ, str) and typ.startswith("Literal")):
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            if typ.startswith("Literal"):
+                allowed = [v.strip().strip("'\"") for v in typ[len("Literal[") : -1].split(",")]
+                if value not in allowed:
+                    raise ValueError(f"expected one of {', '.join(allowed)}")
+            return value
+        if typ.startswith("tuple["):
+            items = [v.strip() for v in value.split(",") if v.strip()] if text else value
+            if not isinstance(items, list | tuple):
+                raise ValueError("expected a list")
+            inner = typ[len("tuple[") :].split(",")[0]
+            make = {"IPv4Network": IPv4Network, "IPv4Address": IPv4Address, "str": str}[inner]
+            return tuple(make(str(v)) for v in items)
+    except ValueError as e:
+        raise ConfigError(setting, f"{value!r}: {e}") from None
+    raise ConfigError(setting, f"unsupported type {typ}")  # pragma: no cover
+
+
+def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from ``path`` (None: defaults only) and ``environ``.
+
+    Raises ConfigError for an unreadable file, an unknown setting or a bad value.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: dict[str, str] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("--config", f"{path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError("--config", f"{path}: {e}") from None
+        for section, body in doc.items():
+            if section not in SECTIONS:
+                raise ConfigError(section, "unknown section")
+            if not isinstance(body, dict):
+                raise ConfigError(section, "expected a table")
+            fields = _fields(section)
+            for key, value in body.items():
+                setting = f"{section}.{key}"
+                if key not in fields:
+                    raise ConfigError(setting, "unknown setting")
+                raw[section][key] = _convert(setting, fields[key], value)
+                sources[setting] = str(path)
+    for var, setting in VPC_CNI_ALIASES.items():
+        if environ.get(var, "") != "":
+            section, key = setting.split(".")
+            raw[section][key] = _convert(setting, _fields(section)[key], environ[var])
+            sources[setting] = f"env {var}"
+    for section in SECTIONS:
+        for key, attr in _fields(section).items():
+            var = f"PODWIRE_{section}_{key}".upper()
+            if environ.get(var, "") != "":
+                setting = f"{section}.{key}"
+                raw[section][key] = _convert(setting, attr, environ[var])
+                sources[setting] = f"env {var}"
+    cfg = Config(**{s: SECTIONS[s](**raw[s]) for s in SECTIONS}, sources=sources)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    a = cfg.agent
+    if a.request_timeout <= 0:
+        raise ConfigError("agent.request_timeout", "must be positive")
+    if a.mtu and not 576 <= a.mtu <= 65535:
+        raise ConfigError("agent.mtu", f"{a.mtu} is outside 576..65535")
+    if a.add_wait < 0 or a.add_wait >= a.request_timeout:
+        raise ConfigError("agent.add_wait", "must be at least 0 and below agent.request_timeout")
+    if not a.socket.startswith("/"):
+        raise ConfigError("agent.socket", "must be an absolute path")
+    if cfg.ipam.cooldown < 0:
+        raise ConfigError("ipam.cooldown", "must not be negative")
+    if cfg.provider.kind == "static" and not cfg.static.cidrs:
+        raise ConfigError("static.cidrs", "the static provider needs at least one pod CIDR")
+    nets = cfg.static.cidrs
+    for i, n in enumerate(nets):
+        for m in nets[i + 1 :]:
+            if n.overlaps(m):
+                raise ConfigError("static.cidrs", f"{n} overlaps {m}")
+
+
+def effective(cfg: Config) -> list[tuple[str, Any, str]]:
+    """Every setting as (dotted name, value, source) for ``agentctl config``."""
+    out = []
+    for section in SECTIONS:
+        body = getattr(cfg, section)
+        for key in _fields(section):
+            setting = f"{section}.{key}"
+            value = getattr(body, key)
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
+            out.append((setting, value, cfg.sources.get(setting, "default")))
+    return out

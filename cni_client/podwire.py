@@ -1,0 +1,172 @@
+#!/usr/bin/python3 -IS
+"""podwire: the CNI plugin. It forwards each runtime call to podwire-agent and prints the answer.
+
+One file, standard library only; installed by ``podwire-agent install-cni`` with an absolute
+interpreter in the shebang. Its start-up is the product's headline latency, so the success path
+imports nothing but ``_socket`` (a built-in module: ~0 ms, where ``json`` and ``socket`` cost
+~6 ms each here): the request is assembled from bytes — the network config from stdin is passed
+through as is — and the result is sliced out of the agent's canonical reply
+(``{"id":1,"result":...}``) without parsing it. ``json`` is imported only on error paths.
+
+VERSION is answered here. If the agent cannot be reached: STATUS answers code 50, ADD code 11
+(try again later), and DEL is written to the spool directory and succeeds — the agent replays
+the spool when it starts, so a DEL is never lost and never strands a pod in Terminating.
+"""
+
+import os
+import sys
+
+import _socket
+
+SUPPORTED = ("0.4.0", "1.0.0", "1.1.0")
+DEFAULT_SOCKET = "/run/podwire/agent.sock"
+DEFAULT_SPOOL = "/run/podwire/spool"
+TIMEOUT = 45.0  # above the agent's own per-request deadline (30 s by default)
+ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+METHODS = {"ADD": b"cni.add", "DEL": b"cni.del", "CHECK": b"cni.check", "STATUS": b"cni.status",
+           "GC": b"cni.gc"}
+REPLY_PREFIX = b'{"id":1,"result":'
+
+_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", **{c: "\\u%04x" % c for c in range(0x20)}}
+
+
+def _jstr(value):
+    return b'"' + value.translate(_ESCAPES).encode("utf-8", "replace") + b'"'
+
+
+def _conf_str(conf, key):
+    """Return the string value of top-level-looking ``key`` in the raw config, or None.
+
+    A cheap scan instead of a JSON parse; used for the socket path, the spool directory and the
+    version of error replies. A value with escapes falls back to a real parse.
+    """
+    needle = b'"' + key + b'"'
+    at = conf.find(needle)
+    if at < 0:
+        return None
+    i = at + len(needle)
+    n = len(conf)
+    while i < n and conf[i] in b" \t\r\n:":
+        i += 1
+    if i >= n or conf[i] != 0x22:
+        return None
+    end = conf.find(b'"', i + 1)
+    if end < 0:
+        return None
+    raw = conf[i + 1:end]
+    if b"\\" in raw:
+        try:
+            import json
+            value = json.loads(conf).get(key.decode())
+            return value if isinstance(value, str) else None
+        except (ValueError, AttributeError):
+            return None
+    return raw.decode("utf-8", "replace")
+
+
+class Unreachable(Exception):
+    pass
+
+
+def _request(path, payload):
+    """Send one request line and return the reply line; raises Unreachable."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.settimeout(TIMEOUT)
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise Unreachable("cannot connect to %s: %s" % (path, e.strerror or e)) from None
+        try:
+            s.sendall(payload)
+            chunks = []
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise Unreachable("agent closed the connection without answering")
+                chunks.append(chunk)
+                if chunk.endswith(b"\n"):
+                    return b"".join(chunks)
+        except OSError as e:
+            raise Unreachable("agent connection failed: %s" % (e.strerror or e)) from None
+    finally:
+        s.close()
+
+
+def _error(conf, code, msg, details=""):
+    import json
+    version = _conf_str(conf, b"cniVersion") or SUPPORTED[-1]
+    doc = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        doc["details"] = details
+    return 1, json.dumps(doc).encode() + b"\n"
+
+
+def _spool(conf, env_json, spool_dir):
+    """Record a DEL for the agent to replay at start: temp file, fsync, rename."""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    name = "del-%d-%d" % (os.getpid(), int.from_bytes(os.urandom(6), "big"))
+    tmp = os.path.join(spool_dir, "." + name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b'{"env":' + env_json + b',"config":' + (conf.strip() or b"null") + b"}\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(spool_dir, name + ".json"))
+
+
+def run(environ, conf):
+    """Handle one invocation; return (exit code, bytes for stdout)."""
+    command = environ.get("CNI_COMMAND", "")
+    if command == "VERSION":
+        import json
+        want = _conf_str(conf, b"cniVersion")
+        version = want if want in SUPPORTED else SUPPORTED[-1]
+        return 0, json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED)}).encode() + b"\n"
+    method = METHODS.get(command)
+    if method is None:
+        if not command:
+            return _error(conf, 4, "required env variables [CNI_COMMAND] missing")
+        return _error(conf, 4, "unknown CNI_COMMAND: %s" % command)
+    env_json = b"{" + b",".join(
+        _jstr(k) + b":" + _jstr(environ[k]) for k in ENV_KEYS if environ.get(k)
+    ) + b"}"
+    # JSON text holds newlines only as whitespace, so flattening them keeps one frame per line.
+    flat = conf.replace(b"\r", b" ").replace(b"\n", b" ").strip() or b"null"
+    payload = b'{"id":1,"method":"' + method + b'","params":{"env":' + env_json + b',"config":' + flat + b"}}\n"
+    path = _conf_str(conf, b"agentSocket") or DEFAULT_SOCKET
+    try:
+        reply = _request(path, payload)
+    except Unreachable as e:
+        if command == "DEL":
+            try:
+                _spool(conf, env_json, _conf_str(conf, b"spoolDir") or DEFAULT_SPOOL)
+            except OSError as spool_err:
+                return _error(conf, 5, "agent unreachable and DEL could not be spooled",
+                              "%s; %s" % (e, spool_err))
+            return 0, b""
+        if command == "STATUS":
+            return _error(conf, 50, "podwire-agent is not reachable", str(e))
+        return _error(conf, 11, "podwire-agent is not reachable", str(e))
+    if reply.startswith(REPLY_PREFIX) and reply.endswith(b"}\n"):
+        result = reply[len(REPLY_PREFIX):-2]
+        return 0, b"" if result == b"null" else result + b"\n"
+    import json
+    try:
+        err = json.loads(reply)["error"]
+        return _error(conf, int(err["code"]), str(err["msg"]), str(err.get("details", "")))
+    except (ValueError, KeyError, TypeError):
+        return _error(conf, 999, "malformed reply from podwire-agent", reply[:200].decode("utf-8", "replace"))
+
+
+def main():
+    code, out = run(os.environ, sys.stdin.buffer.read())
+    if out:
+        sys.stdout.buffer.write(out)
+        sys.stdout.buffer.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

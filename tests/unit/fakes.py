@@ -1,0 +1,82 @@
+"""In-memory stand-ins for the kernel-facing layer, for the fast unit tests of the core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from cloud.provider import AddressBlock, NodeFacts
+from netlink.errors import NetlinkError, NetnsNotFound
+from netlink.veth import PodNet, WiredPod
+
+
+class FakeDatapath:
+    """Pods as records; namespaces are a set of paths the test says exist."""
+
+    def __init__(self) -> None:
+        self.netns: set[str] = set()
+        self.pods: dict[str, PodNet] = {}  # host veth -> pod
+        self.routes: set[str] = set()  # host veths whose host route exists
+        self.fail_wire: Exception | None = None
+        self.wire_delay = 0.0
+        self.deleted: list[str] = []
+        self.calls: list[str] = []
+
+    def _mac(self, name: str, side: int) -> str:
+        return f"02:00:00:00:{side:02x}:{abs(hash(name)) % 256:02x}"
+
+    async def wire(self, pod: PodNet) -> WiredPod:
+        self.calls.append(f"wire {pod.host_veth}")
+        if self.wire_delay:
+            await anyio.sleep(self.wire_delay)
+        if pod.netns not in self.netns:
+            raise NetnsNotFound(pod.netns)
+        if self.fail_wire is not None:
+            raise self.fail_wire
+        if pod.host_veth in self.pods:
+            raise NetlinkError(f"{pod.host_veth} exists")
+        self.pods[pod.host_veth] = pod
+        self.routes.add(pod.host_veth)
+        return WiredPod(pod_mac=self._mac(pod.host_veth, 1), host_mac=self._mac(pod.host_veth, 2),
+                        pod_ifindex=2, host_ifindex=10)
+
+    async def check(self, pod: PodNet) -> list[str]:
+        if pod.netns not in self.netns:
+            raise NetnsNotFound(pod.netns)
+        missing = []
+        if pod.host_veth not in self.pods:
+            missing.append(f"host veth {pod.host_veth}")
+        if pod.host_veth not in self.routes:
+            missing.append(f"host route {pod.ip}/32")
+        return missing
+
+    async def unwire_host(self, pod: PodNet) -> None:
+        self.calls.append(f"unwire {pod.host_veth}")
+        self.routes.discard(pod.host_veth)
+
+    async def delete_link(self, host_veth: str) -> None:
+        self.calls.append(f"delete {host_veth}")
+        await anyio.sleep(0.02)  # the kernel's wait: what DEL must not block on
+        self.pods.pop(host_veth, None)
+        self.deleted.append(host_veth)
+
+    async def host_veths(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.pods, start=10)}
+
+    async def link_exists(self, name: str) -> bool:
+        return name in self.pods
+
+
+class FakeProvider:
+    name = "fake"
+
+    def __init__(self, blocks: Sequence[AddressBlock], can_grow: bool = False) -> None:
+        self.blocks = list(blocks)
+        self.can_grow = can_grow
+
+    async def inventory(self) -> Sequence[AddressBlock]:
+        return self.blocks
+
+    def facts(self) -> NodeFacts:
+        return NodeFacts(primary_ip=None, vpc_cidrs=(), pod_cidrs=())
