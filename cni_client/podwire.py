@@ -109,7 +109,7 @@ def _spool(conf, env_json, spool_dir):
     tmp = os.path.join(spool_dir, "." + name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, b'{"env":' + env_json + b',"config":' + (conf.strip() or b"null") + b"}\n")
+        os.write(fd, b'{"env":' + env_json + b',"config":' + conf.strip() + b"}\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -133,7 +133,9 @@ def run(environ, conf):
         _jstr(k) + b":" + _jstr(environ[k]) for k in ENV_KEYS if environ.get(k)
     ) + b"}"
     # JSON text holds newlines only as whitespace, so flattening them keeps one frame per line.
-    flat = conf.replace(b"\r", b" ").replace(b"\n", b" ").strip() or b"null"
+    flat = conf.replace(b"\r", b" ").replace(b"\n", b" ").strip()
+    if not flat.startswith(b"{"):
+        return _error(conf, 6, "invalid network configuration", "stdin must hold a JSON object")
     payload = b'{"id":1,"method":"' + method + b'","params":{"env":' + env_json + b',"config":' + flat + b"}}\n"
     path = _conf_str(conf, b"agentSocket") or DEFAULT_SOCKET
     try:

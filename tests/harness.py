@@ -1,0 +1,230 @@
+"""A node with a running agent, for integration tests, the demo and the benchmarks.
+
+``Node`` makes a namespace that plays the node, writes an agent config into a private
+directory, installs the real ``podwire`` plugin there with ``podwire-agent install-cni``, and
+runs ``podwire-agent run`` inside the namespace (``ip netns exec``). ``Node.cni`` then executes
+the installed plugin exactly as a container runtime does: CNI_* variables in the environment
+and the network config on stdin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from rpc.client import Client
+from rpc.errors import AgentUnreachable, RpcError
+from tests.netns import Netns, unique_name
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+REFERENCE_PLUGINS = Path("/usr/lib/cni")
+
+
+class CniResult:
+    """What the plugin printed and how it exited."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[bytes]) -> None:
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+    @property
+    def doc(self) -> Any:
+        return json.loads(self.stdout) if self.stdout.strip() else None
+
+    @property
+    def ip(self) -> str:
+        return str(self.doc["ips"][0]["address"]).split("/")[0]
+
+    def __repr__(self) -> str:
+        return f"CniResult(code={self.code}, stdout={self.stdout[:300]!r}, stderr={self.stderr[:300]!r})"
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        cidrs: tuple[str, ...] = ("10.77.0.0/24",),
+        cooldown: float = 30.0,
+        extra_config: str = "",
+        chain: tuple[str, ...] = (),
+        tag: str = "node",
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="podwire-"))
+        self.netns = Netns(unique_name(tag))
+        # the node's own address, as a real node's primary interface has
+        self.primary_ip = "10.76.0.10"
+        # (this kernel has no dummy module: an unconnected veth pair serves as the interface)
+        self.netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
+        self.netns.run("ip", "addr", "add", f"{self.primary_ip}/24", "dev", "eth0")
+        self.netns.run("ip", "link", "set", "eth0", "up")
+        self.netns.run("ip", "link", "set", "eth0peer", "up")
+        self.socket = str(self.dir / "agent.sock")
+        self.bin_dir = self.dir / "bin"
+        self.conf_dir = self.dir / "net.d"
+        self.config_path = self.dir / "agent.toml"
+        self.log_path = self.dir / "agent.log"
+        self.config_path.write_text(
+            "[agent]\n"
+            f'socket = "{self.socket}"\n'
+            f'state_dir = "{self.dir / "state"}"\n'
+            f'spool_dir = "{self.dir / "spool"}"\n'
+            "mtu = 1500\n"
+            'log_format = "json"\n'
+            "[provider]\n"
+            'kind = "static"\n'
+            "[static]\n"
+            f"cidrs = {json.dumps(list(cidrs))}\n"
+            "[ipam]\n"
+            f"cooldown = {cooldown}\n" + extra_config
+        )
+        subprocess.run(
+            [str(VENV_BIN / "podwire-agent"), "install-cni", "--bin-dir", str(self.bin_dir),
+             "--conf-dir", str(self.conf_dir), "--socket", self.socket,
+             "--spool-dir", str(self.dir / "spool"), "--chain", ",".join(chain)],
+            check=True, capture_output=True,
+        )
+        for name in chain:
+            (self.bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
+        self.conflist = json.loads((self.conf_dir / "10-podwire.conflist").read_text())
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pods: list[Netns] = []
+
+    # -- agent --------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the agent in the node namespace and wait until it serves the socket."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = self.netns.popen(
+            [str(VENV_BIN / "podwire-agent"), "run", "--config", str(self.config_path)],
+            stdout=log, stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.call("agent.status")["ready"]:
+                    return
+            except (AgentUnreachable, RpcError):
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        with Client(self.socket, timeout=10) as c:
+            return c.call(method, params)
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "agentctl"), "--socket", self.socket, *args],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    # -- pods ---------------------------------------------------------------------------------
+
+    def new_pod(self, tag: str = "pod") -> Netns:
+        ns = Netns(unique_name(tag))
+        self.pods.append(ns)
+        return ns
+
+    def plugin_conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        """The config a runtime would pass to the podwire plugin (first of the chain)."""
+        return {"cniVersion": version, "name": self.conflist["name"], **self.conflist["plugins"][0], **extra}
+
+    def cni(
+        self,
+        command: str,
+        container_id: str = "",
+        netns: str = "",
+        ifname: str = "eth0",
+        conf: Mapping[str, Any] | bytes | None = None,
+        args: str = "",
+        env: Mapping[str, str] | None = None,
+        plugin: str = "podwire",
+    ) -> CniResult:
+        """Execute a plugin from the node's bin dir as a runtime would."""
+        base = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname,
+            "CNI_ARGS": args,
+            "CNI_PATH": str(self.bin_dir),
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        }
+        if env is not None:
+            base = {**{k: v for k, v in env.items()}, "PATH": base["PATH"]}
+        stdin = conf if isinstance(conf, bytes) else json.dumps(conf or self.plugin_conf()).encode()
+        # The runtime runs on the node: plugins execute in the node's namespace (chained plugins
+        # such as portmap write iptables rules wherever they run).
+        proc = subprocess.run(
+            ["nsenter", f"--net={self.netns.path}", "--", str(self.bin_dir / plugin)],
+            env=base, input=stdin, capture_output=True, timeout=60,
+        )
+        return CniResult(proc)
+
+    def add(self, pod: Netns, container_id: str | None = None, **kw: Any) -> CniResult:
+        return self.cni("ADD", container_id or pod.name, pod.path, **kw)
+
+    def delete(self, pod: Netns, container_id: str | None = None, **kw: Any) -> CniResult:
+        return self.cni("DEL", container_id or pod.name, pod.path, **kw)
+
+    def close(self) -> None:
+        self.stop()
+        for pod in self.pods:
+            pod.close()
+        self.netns.close()
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+
+
+@contextlib.contextmanager
+def running_node(**kw: Any) -> Iterator[Node]:
+    node = Node(**kw)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+def ping(ns: Netns, ip: str, count: int = 1) -> bool:
+    """One real ICMP echo from ``ns`` to ``ip``; True when answered."""
+    return ns.run("ping", "-c", str(count), "-W", "2", "-q", ip, check=False).returncode == 0
