@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, effective, load
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+def test_file_env_and_aliases(tmp_path: Path) -> None:
+    path = write(tmp_path, '[static]\ncidrs = ["10.0.1.0/24"]\n[ipam]\ncooldown = 10\n')
+    cfg = load(path, {"IP_COOLDOWN_PERIOD": "5", "PODWIRE_AGENT_MTU": "1400"})
+    assert cfg.static.cidrs == (IPv4Network("10.0.1.0/24"),)
+    assert cfg.ipam.cooldown == 5.0 and cfg.mtu == 1400
+    sources = {name: src for name, _, src in effective(cfg)}
+    assert sources["static.cidrs"] == str(path)
+    assert sources["ipam.cooldown"] == "env IP_COOLDOWN_PERIOD"
+    assert sources["agent.socket"] == "default"
+
+
+def test_env_lists_and_defaults(tmp_path: Path) -> None:
+    cfg = load(None, {"PODWIRE_STATIC_CIDRS": "10.0.1.0/24, 10.0.2.0/24"})
+    assert len(cfg.static.cidrs) == 2 and cfg.mtu == 1500 and cfg.ipam.cooldown == 30.0
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "setting"),
+    [
+        ("[static]\ncidrs = []\n", {}, "static.cidrs"),
+        ('[static]\ncidrs = ["10.0.1.0/24", "10.0.1.128/25"]\n', {}, "static.cidrs"),
+        ('[static]\ncidrs = ["10.0.1.0/33"]\n', {}, "static.cidrs"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n[agent]\nmtu = 70000\n', {}, "agent.mtu"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n[agent]\nsocket = "rel.sock"\n', {}, "agent.socket"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n[agent]\nfrobnicate = 1\n', {}, "agent.frobnicate"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n[nope]\n', {}, "nope"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"IP_COOLDOWN_PERIOD": "soon"}, "ipam.cooldown"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"PODWIRE_PROVIDER_KIND": "gcp"}, "provider.kind"),
+        ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"PODWIRE_AGENT_IP_FORWARD": "maybe"}, "agent.ip_forward"),
+        ("not toml [", {}, "--config"),
+    ],
+)
+def test_bad_settings_name_the_setting(tmp_path: Path, text: str, env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), env)
+    assert e.value.setting == setting
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "none.toml", {})
+
+
+def test_agent_stops_with_one_clear_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write(tmp_path, '[static]\ncidrs = ["10.0.1.0/24"]\n[agent]\nmtu = 70000\n')
+    agent = Path(sys.executable).parent / "podwire-agent"
+    proc = subprocess.run([str(agent), "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["podwire-agent: invalid setting agent.mtu: 70000 is outside 576..65535"]
