@@ -39,7 +39,7 @@ e2e: deps
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
 
 demo: deps
-	$(PY) -m bench.demo
+	$(PY) -m tests.demo
 
 bench: deps
 	$(PY) -m bench.cni_latency

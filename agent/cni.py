@@ -57,6 +57,7 @@ class DatapathPort(Protocol):
     async def check(self, pod: PodNet) -> list[str]: ...
     async def unwire_host(self, pod: PodNet) -> None: ...
     async def delete_link(self, host_veth: str) -> None: ...
+    async def delete_links(self, host_veths: list[str]) -> None: ...
     async def host_veths(self) -> dict[str, int]: ...
     async def link_exists(self, name: str) -> bool: ...
 
@@ -161,24 +162,29 @@ class CniService:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Delete veths handed over by DEL, off the reply path, a few at a time."""
-        slots = anyio.Semaphore(4)
-        async with anyio.create_task_group() as tg:
-            task_status.started()
-            async for name in self._delete_recv:
-                await slots.acquire()
-                tg.start_soon(self._delete_one, name, slots)
+        """Delete veths handed over by DEL, off the reply path, in batches.
 
-    async def _delete_one(self, name: str, slots: anyio.Semaphore) -> None:
-        try:
-            await self.datapath.delete_link(name)
-        except NetlinkError as e:
-            log.warning("veth deletion failed", extra={"veth": name, "error": str(e)})
-        finally:
-            slots.release()
-            done = self._deleting.pop(name, None)
-            if done is not None:
-                done.set()
+        Each veth deletion waits ~20 ms in the kernel under the rtnl lock, stalling every other
+        netlink user; a batch deleted as one link group pays that wait once.
+        """
+        task_status.started()
+        async for name in self._delete_recv:
+            batch = [name]
+            while True:
+                try:
+                    batch.append(self._delete_recv.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            try:
+                await self.datapath.delete_links(batch)
+            except Exception as e:  # never fatal: what is left is collected by GC later
+                log.error("veth deletion failed", exc_info=not isinstance(e, NetlinkError),
+                          extra={"veths": len(batch), "error": str(e)})
+            finally:
+                for n in batch:
+                    done = self._deleting.pop(n, None)
+                    if done is not None:
+                        done.set()
 
     def _schedule_delete(self, name: str) -> None:
         if name in self._deleting:

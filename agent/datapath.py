@@ -29,6 +29,9 @@ class ThreadedDatapath:
     async def delete_link(self, host_veth: str) -> None:
         await anyio.to_thread.run_sync(self._dp.delete_link, host_veth, limiter=self._limiter)
 
+    async def delete_links(self, host_veths: list[str]) -> None:
+        await anyio.to_thread.run_sync(self._dp.delete_links, host_veths, limiter=self._limiter)
+
     async def host_veths(self) -> dict[str, int]:
         return await anyio.to_thread.run_sync(self._dp.host_veths, limiter=self._limiter)
 

@@ -61,6 +61,13 @@ class FakeDatapath:
         self.pods.pop(host_veth, None)
         self.deleted.append(host_veth)
 
+    async def delete_links(self, host_veths: list[str]) -> None:
+        self.calls.append(f"delete batch {len(host_veths)}")
+        await anyio.sleep(0.02)  # one kernel wait for the whole batch
+        for name in host_veths:
+            self.pods.pop(name, None)
+            self.deleted.append(name)
+
     async def host_veths(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.pods, start=10)}
 

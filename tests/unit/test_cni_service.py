@@ -229,3 +229,21 @@ async def test_restore_keeps_live_pods_and_drops_dead_ones(paths: Path) -> None:
     for i in range(12):  # 14 addresses: one kept, one cooling
         got = await svc.add(req("ADD", f"n{i}"))
         assert got["ips"][0]["address"] != "10.0.1.7/32"
+
+
+@pytest.mark.anyio
+async def test_a_failing_background_deletion_never_stops_the_service(paths: Path) -> None:
+    svc, dp = service(paths)
+
+    async def broken(names: list[str]) -> None:
+        raise RuntimeError("kernel said no")
+
+    dp.delete_links = broken  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        await tg.start(svc.run)
+        await svc.restore(Snapshot())
+        await svc.add(req("ADD", "c1"))
+        await svc.delete(req("DEL", "c1"))
+        await anyio.sleep(0.05)
+        assert (await svc.add(req("ADD", "c2")))["ips"]  # still serving
+        tg.cancel_scope.cancel()
