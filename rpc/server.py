@@ -1,0 +1,290 @@
+"""The agent's side of the wire: a Unix socket server that answers JSON-lines requests.
+
+Theory of operation: ``serve`` owns the socket file and a task per connection. A connection is
+a loop over ``LineDecoder``: each complete request goes to ``dispatch``, which checks access,
+calls the handler under the deadline and writes the reply; one connection's requests are
+answered in order, connections run concurrently. ``dispatch`` maps every failure to an error
+reply, so one bad request never ends the server, and writes through a ``send`` callable so it
+can be tested without sockets. Cancellation is never caught.
+
+A handler may return an async iterator instead of a value: the method streams. Each item is
+sent as ``{"id":N,"event":...}`` and the stream ends with ``{"id":N,"result":null}`` (or an error
+reply). The deadline covers the handler call, not the stream, which may follow events forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import attrs
+
+from rpc.errors import (
+    CODE_INTERNAL,
+    CODE_PERMISSION_DENIED,
+    CODE_TRY_AGAIN,
+    AddressInUse,
+    DecodeError,
+    FrameDecodeError,
+    FrameTooLarge,
+    NotASocket,
+    RpcError,
+)
+from rpc.framing import NEED_DATA, LineDecoder, encode_error, encode_event, encode_result
+from rpc.messages import Peer, Request, structure, unstructure
+
+__all__ = ["Access", "Handler", "Send", "ServerStats", "dispatch", "serve"]
+
+logger = logging.getLogger("podwire.rpc")
+
+Send = Callable[[bytes], Awaitable[None]]
+
+_PEERCRED = struct.Struct("3i")
+
+
+class Handler(Protocol):
+    """Answers one method call. Returns a JSON-able value, an attrs instance, or an async
+    iterator of those (a streaming method). Raises RpcError to send that error reply."""
+
+    async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any: ...
+
+
+@attrs.define(kw_only=True)
+class ServerStats:
+    """Counters kept by ``serve``, read by metrics and agentctl."""
+
+    connections_total: int = 0
+    connections_active: int = 0
+    requests_total: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Access:
+    """Who may call what: methods in ``mutating`` need an admin uid or gid."""
+
+    mutating: frozenset[str]
+    admin_uids: frozenset[int] = frozenset({0})
+    admin_gids: frozenset[int] = frozenset()
+
+    def allows(self, method: str, peer: Peer) -> bool:
+        """Return whether ``peer`` may call ``method``."""
+        return (
+            method not in self.mutating
+            or peer.uid in self.admin_uids
+            or peer.gid in self.admin_gids
+        )
+
+
+async def serve(
+    path: str,
+    handler: Handler,
+    *,
+    mutating: frozenset[str],
+    deadline: float = 30.0,
+    admin_uids: frozenset[int] = frozenset({0}),
+    admin_gids: frozenset[int] = frozenset(),
+    socket_mode: int = 0o660,
+    socket_gid: int | None = None,
+    stats: ServerStats | None = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve requests on the Unix socket ``path`` until cancelled; never returns otherwise.
+
+    A socket file nobody listens on (left by a dead agent) is replaced. ``task_status.started()``
+    is called once the socket accepts connections; the file is removed when serving ends.
+    Raises AddressInUse if something listens on ``path``, NotASocket if ``path`` is another kind
+    of file, OSError if the socket cannot be created.
+    """
+    access = Access(mutating=mutating, admin_uids=admin_uids, admin_gids=admin_gids)
+    stats = stats if stats is not None else ServerStats()
+    _claim(path)
+    listener = await anyio.create_unix_listener(path, mode=socket_mode)
+    st = os.stat(path)
+    ours = (st.st_dev, st.st_ino)
+    try:
+        async with listener:
+            if socket_gid is not None:
+                os.chown(path, -1, socket_gid)
+            task_status.started()
+            await listener.serve(
+                partial(
+                    _serve_connection,
+                    handler=handler,
+                    access=access,
+                    deadline=deadline,
+                    stats=stats,
+                )
+            )
+    finally:
+        _release(path, ours)
+
+
+async def dispatch(
+    message: dict[str, Any],
+    handler: Handler,
+    peer: Peer,
+    send: Send,
+    *,
+    access: Access,
+    deadline: float,
+) -> None:
+    """Answer one decoded request, writing the reply line(s) with ``send``. Returns nothing.
+
+    Every failure of the request or the handler becomes an error reply; raises only what
+    ``send`` raises, and cancellation.
+    """
+    try:
+        request = structure(message, Request)
+    except DecodeError as e:
+        raw_id = message.get("id")
+        id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+        await send(encode_error(id, e.code, e.msg, e.details))
+        return
+    id, method = request.id, request.method
+    if not access.allows(method, peer):
+        details = f"{method} needs an admin uid or gid (peer uid {peer.uid}, gid {peer.gid})"
+        await send(encode_error(id, CODE_PERMISSION_DENIED, "permission denied", details))
+        return
+    answer = await _call(handler, request, peer, deadline)
+    if isinstance(answer, bytes):
+        await send(answer)
+    else:
+        await _stream(id, method, answer, send)
+
+
+async def _call(
+    handler: Handler, request: Request, peer: Peer, deadline: float
+) -> bytes | AsyncIterator[Any]:
+    # Returns the reply line, or the items of a streaming method.
+    id, method = request.id, request.method
+    try:
+        # move_on_after rather than fail_after: a TimeoutError raised inside the handler is
+        # the handler's own failure, not the deadline.
+        with anyio.move_on_after(deadline) as scope:
+            result = await handler(method, request.params, peer)
+        if scope.cancelled_caught:
+            logger.warning("%s did not finish within %g s", method, deadline)
+            details = f"{method} did not finish within {deadline:g} s"
+            return encode_error(id, CODE_TRY_AGAIN, "deadline exceeded", details)
+        if isinstance(result, AsyncIterator):
+            return result
+        return encode_result(id, unstructure(result))
+    except Exception as e:
+        return _error_reply(id, method, e)
+
+
+async def _stream(id: int, method: str, items: AsyncIterator[Any], send: Send) -> None:
+    try:
+        while True:
+            try:
+                line = encode_event(id, unstructure(await anext(items)))
+            except StopAsyncIteration:
+                break
+            except Exception as e:
+                await send(_error_reply(id, method, e))
+                return
+            await send(line)
+        await send(encode_result(id, None))
+    finally:
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _error_reply(id: int, method: str, exc: Exception) -> bytes:
+    if isinstance(exc, RpcError):
+        return encode_error(id, exc.code, exc.msg, exc.details)
+    logger.error("%s failed", method, exc_info=exc)
+    return encode_error(id, CODE_INTERNAL, "internal error", f"{type(exc).__name__}: {exc}")
+
+
+async def _serve_connection(
+    stream: anyio.abc.SocketStream,
+    *,
+    handler: Handler,
+    access: Access,
+    deadline: float,
+    stats: ServerStats,
+) -> None:
+    stats.connections_total += 1
+    stats.connections_active += 1
+    try:
+        async with stream:
+            peer = _peer_of(stream)
+            decoder = LineDecoder()
+            while True:
+                try:
+                    message = decoder.next_message()
+                except FrameTooLarge as e:
+                    await stream.send(encode_error(None, e.code, e.msg, e.details))
+                    return
+                except FrameDecodeError as e:
+                    await stream.send(encode_error(None, e.code, e.msg, e.details))
+                    continue
+                if message is NEED_DATA:
+                    try:
+                        decoder.feed(await stream.receive())
+                    except anyio.EndOfStream:
+                        return
+                    continue
+                stats.requests_total += 1
+                await dispatch(
+                    message, handler, peer, stream.send, access=access, deadline=deadline
+                )
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the client went away mid-request; there is nobody to answer
+    except Exception:
+        logger.exception("connection failed")
+    finally:
+        stats.connections_active -= 1
+
+
+def _peer_of(stream: anyio.abc.SocketStream) -> Peer:
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def _claim(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NotASocket(path)
+    if _listening(path):
+        raise AddressInUse(path)
+    os.unlink(path)
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return False
+        except BlockingIOError:
+            return True  # listening, with a full backlog
+        return True
+
+
+def _release(path: str, ours: tuple[int, int]) -> None:
+    # Only our own socket: a newer agent may already have replaced it, and unlinking that one
+    # would cut it off from every client.
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == ours:
+        os.unlink(path)
