@@ -1,0 +1,386 @@
+"""The Python API: ``Vpc.start()`` brings up the emulator, ``vpc.add_node()`` a simulated node.
+
+    with Vpc.start("10.0.0.0/16") as vpc:
+        subnet = vpc.add_subnet("10.0.1.0/24")
+        node = vpc.add_node("m5.large", subnet)
+        node.start_process(["podwire-agent", "run", "--config", path])
+
+The EC2 API listens on 127.0.0.1 (``vpc.ec2_url``, control endpoint under ``/_emulator``) and,
+with the fabric, inside the router at 169.254.169.254:8773 (``node.ec2_url``), next to IMDS on
+169.254.169.254:80 (``node.imds_url``): both reachable from every node namespace through its
+default route. Each node also gets an IMDS port on the machine's loopback (``imds_local_url``).
+One ``Vpc`` per process at a time: moto's state is global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import subprocess
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Network
+from types import TracebackType
+from typing import Any, TypeVar
+
+from moto.moto_server.werkzeug_app import create_backend_app
+
+from cloud.emulator import actions, info
+from cloud.emulator.control import ControlApp
+from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, Fabric
+from cloud.emulator.faults import FaultPlan
+from cloud.emulator.imds import ImdsApp, by_source_address, fixed_instance
+from cloud.emulator.netns import Namespace
+from cloud.emulator.server import Ec2Frontend, HttpServer, serve
+from cloud.emulator.state import CloudState
+from cloud.emulator.wiring import NodeSpec, gateway_of
+
+T = TypeVar("T")
+
+IMAGE_ID = "ami-12c6146b"
+EC2_PORT_IN_VPC = 8773
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+class Subnet:
+    """A subnet of the emulated VPC."""
+
+    def __init__(self, subnet_id: str, cidr: IPv4Network, az: str) -> None:
+        self.id = subnet_id
+        self.cidr = cidr
+        self.az = az
+        self.gateway = gateway_of(cidr)
+
+    def info(self) -> info.SubnetInfo:
+        return info.SubnetInfo(
+            id=self.id, cidr=str(self.cidr), az=self.az, gateway=str(self.gateway)
+        )
+
+    def __repr__(self) -> str:
+        return f"Subnet({self.id}, {self.cidr}, {self.az})"
+
+
+class Node:
+    """A simulated node: an EC2 instance and, with the fabric, its network namespace."""
+
+    def __init__(
+        self,
+        instance: Any,
+        subnet: Subnet,
+        netns: Namespace | None,
+        imds_local: HttpServer,
+        pod_cidr: IPv4Network | None,
+    ) -> None:
+        self.instance_id: str = instance.id
+        self.instance_type: str = instance.instance_type
+        self.subnet = subnet
+        self.eni_id: str = instance.nics[0].id
+        self.primary_ip: str = instance.nics[0].private_ip_address
+        self.mac: str = instance.nics[0].mac_address
+        self.pod_cidr = pod_cidr
+        self.namespace = netns
+        self._imds_local = imds_local
+        self._processes: list[subprocess.Popen[Any]] = []
+
+    @property
+    def netns(self) -> str:
+        """The node's namespace name (for ``ip netns exec``)."""
+        return self._ns().name
+
+    @property
+    def netns_path(self) -> str:
+        return self._ns().path
+
+    @property
+    def imds_url(self) -> str:
+        """IMDS as seen from inside the node's namespace."""
+        return f"http://{METADATA_IP}"
+
+    @property
+    def ec2_url(self) -> str:
+        """The EC2 API as seen from inside the node's namespace."""
+        return f"http://{METADATA_IP}:{EC2_PORT_IN_VPC}"
+
+    @property
+    def imds_local_url(self) -> str:
+        """This node's IMDS on the machine's loopback (for tests and tools outside the node)."""
+        return self._imds_local.url
+
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` inside the node's namespace and return the finished process."""
+        return self._ns().run(*cmd, check=check, timeout=timeout, input=input)
+
+    def start_process(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, **popen: Any
+    ) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside the node's namespace; it is ended when the node goes away."""
+        proc = self._ns().popen(argv, env=env, **popen)
+        self._processes.append(proc)
+        return proc
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a thread inside the node's namespace (sockets it opens stay there)."""
+        return self._ns().call(fn)
+
+    def info(self) -> info.NodeInfo:
+        ns = self.namespace
+        return info.NodeInfo(
+            instance_id=self.instance_id,
+            instance_type=self.instance_type,
+            subnet_id=self.subnet.id,
+            primary_ip=self.primary_ip,
+            mac=self.mac,
+            pod_cidr=str(self.pod_cidr) if self.pod_cidr else None,
+            netns=ns.name if ns else None,
+            netns_path=ns.path if ns else None,
+            ec2_url=self.ec2_url if ns else None,
+            imds_url=self.imds_url if ns else None,
+            imds_local_url=self.imds_local_url,
+        )
+
+    def _ns(self) -> Namespace:
+        if self.namespace is None:
+            raise RuntimeError("this Vpc runs without the fabric: nodes have no namespace")
+        return self.namespace
+
+    def _stop(self) -> None:
+        for proc in self._processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._processes:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._imds_local.stop()
+        if self.namespace is not None:
+            self.namespace.delete()
+
+    def __repr__(self) -> str:
+        return f"Node({self.instance_id}, {self.instance_type}, {self.primary_ip})"
+
+
+class Vpc:
+    """A running emulator: EC2 API, IMDS, faults and (unless ``fabric=False``) the VPC fabric."""
+
+    def __init__(self, state: CloudState, cidr: IPv4Network) -> None:
+        self._state = state
+        self.cidr = cidr
+        self.region = state.region
+        self.subnets: list[Subnet] = []
+        self.nodes: list[Node] = []
+        self._servers: list[HttpServer] = []
+        self._node_seq = itertools.count(1)
+        self._stopped = False
+        self.ec2_url = ""
+
+    @classmethod
+    def start(
+        cls,
+        cidr: str = "10.0.0.0/16",
+        *,
+        region: str = "us-east-1",
+        fabric: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> Vpc:
+        """Start the emulator with one VPC of ``cidr`` and return it (use it as a context
+        manager, or call ``stop()``). ``port`` 0 picks a free port (see ``ec2_url``)."""
+        actions.apply()
+        state = CloudState(region, Fabric.create() if fabric else None)
+        vpc = cls(state, IPv4Network(cidr))
+        try:
+            state.reset()
+            with state.lock:
+                state.vpc_id = state.backend.create_vpc(cidr).id
+            moto_app = create_backend_app("ec2")
+            loopback = serve(Ec2Frontend(state, moto_app, ControlApp(vpc)), host, port)
+            vpc._servers.append(loopback)
+            vpc.ec2_url = loopback.url
+            if state.fabric is not None:
+                router = state.fabric.router.path
+                vpc._servers.append(
+                    serve(
+                        Ec2Frontend(state, moto_app, None),
+                        str(METADATA_IP),
+                        EC2_PORT_IN_VPC,
+                        router,
+                    )
+                )
+                vpc._servers.append(
+                    serve(ImdsApp(state, by_source_address(state)), str(METADATA_IP), 80, router)
+                )
+        except BaseException:
+            vpc.stop()
+            raise
+        return vpc
+
+    @property
+    def vpc_id(self) -> str:
+        return self._state.vpc_id
+
+    @property
+    def control_url(self) -> str:
+        return f"{self.ec2_url}/_emulator"
+
+    @property
+    def faults(self) -> FaultPlan:
+        return self._state.faults
+
+    @property
+    def state(self) -> CloudState:
+        """The shared cloud state (moto backend under ``state.lock``), for tests that look in."""
+        return self._state
+
+    @property
+    def router(self) -> Namespace:
+        return self._fabric().router
+
+    @property
+    def internet(self) -> Namespace:
+        return self._fabric().internet
+
+    @property
+    def internet_ip(self) -> str:
+        return str(INTERNET_IP.ip)
+
+    def client_kwargs(self) -> dict[str, str]:
+        """Keyword arguments for ``session.create_client("ec2", **kwargs)`` from this machine."""
+        return {"region_name": self.region, "endpoint_url": self.ec2_url, **CREDENTIALS}
+
+    def add_subnet(self, cidr: str, az: str | None = None) -> Subnet:
+        """Create a subnet (default AZ: the region's first) and return it."""
+        zone = az or f"{self.region}a"
+        moto_subnet = self._state.call(
+            lambda: self._state.backend.create_subnet(self.vpc_id, cidr, availability_zone=zone)
+        )
+        subnet = Subnet(moto_subnet.id, IPv4Network(cidr), zone)
+        self.subnets.append(subnet)
+        return subnet
+
+    def subnet(self, subnet_id: str) -> Subnet:
+        for s in self.subnets:
+            if s.id == subnet_id:
+                return s
+        raise KeyError(subnet_id)
+
+    def add_node(
+        self,
+        instance_type: str = "m5.large",
+        subnet: Subnet | None = None,
+        *,
+        pod_cidr: str | None = None,
+    ) -> Node:
+        """Launch an instance (RunInstances in moto), give it a namespace whose ``eth0`` is its
+        primary ENI, and return the node. With ``pod_cidr`` (static provider) the router routes
+        that CIDR to the node's primary IP."""
+        if subnet is None:
+            subnet = (
+                self.subnets[0]
+                if self.subnets
+                else self.add_subnet(str(next(self.cidr.subnets(new_prefix=24))))
+            )
+        netns = Namespace.create(f"node{next(self._node_seq)}") if self._state.fabric else None
+        try:
+
+            def launch() -> Any:
+                reservation = self._state.backend.run_instances(
+                    IMAGE_ID,
+                    1,
+                    None,
+                    [],
+                    instance_type=instance_type,
+                    is_instance_type_default=False,
+                    subnet_id=subnet.id,
+                    region_name=self.region,
+                    placement=None,
+                )
+                instance = reservation.instances[0]
+                if netns is not None:
+                    self._state.nodes[instance.id] = NodeSpec(
+                        instance_id=instance.id,
+                        netns=netns.name,
+                        pod_cidrs=(IPv4Network(pod_cidr),) if pod_cidr else (),
+                    )
+                return instance
+
+            instance = self._state.call(launch)
+            imds = serve(ImdsApp(self._state, fixed_instance(instance.id)), "127.0.0.1", 0)
+        except BaseException:
+            if netns is not None:
+                netns.delete()
+            raise
+        node = Node(instance, subnet, netns, imds, IPv4Network(pod_cidr) if pod_cidr else None)
+        self.nodes.append(node)
+        return node
+
+    def node(self, instance_id: str) -> Node:
+        for n in self.nodes:
+            if n.instance_id == instance_id:
+                return n
+        raise KeyError(instance_id)
+
+    def remove_node(self, node: Node) -> None:
+        """Terminate the node's instance (its ENIs detach), stop its processes, delete its
+        namespace."""
+        self.nodes.remove(node)
+
+        def terminate() -> None:
+            self._state.nodes.pop(node.instance_id, None)
+            self._state.backend.terminate_instances([node.instance_id])
+
+        self._state.call(terminate)
+        node._stop()
+
+    def describe(self) -> info.VpcInfo:
+        fabric = self._state.fabric
+        return info.VpcInfo(
+            vpc_id=self.vpc_id,
+            cidr=str(self.cidr),
+            region=self.region,
+            ec2_url=self.ec2_url,
+            control_url=self.control_url,
+            router_netns=fabric.router.name if fabric else None,
+            internet_netns=fabric.internet.name if fabric else None,
+            internet_ip=self.internet_ip if fabric else None,
+            subnets=[s.info() for s in self.subnets],
+            nodes=[n.info() for n in self.nodes],
+        )
+
+    def stop(self) -> None:
+        """Stop the servers and processes and remove every namespace (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._state.close()
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node._stop()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        if self._state.fabric is not None:
+            self._state.fabric.close()
+
+    def _fabric(self) -> Fabric:
+        if self._state.fabric is None:
+            raise RuntimeError("this Vpc runs without the fabric")
+        return self._state.fabric
+
+    def __enter__(self) -> Vpc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"Vpc({self.vpc_id}, {self.cidr}, subnets={len(self.subnets)}, nodes={len(self.nodes)})"
+        )

@@ -1,0 +1,84 @@
+"""What the emulator reports about itself and accepts over its control endpoint (JSON)."""
+
+from __future__ import annotations
+
+import attrs
+from cattrs.preconf.orjson import make_converter
+
+converter = make_converter(forbid_extra_keys=True)
+
+
+@attrs.frozen(kw_only=True)
+class SubnetInfo:
+    id: str
+    cidr: str
+    az: str
+    gateway: str
+
+
+@attrs.frozen(kw_only=True)
+class NodeInfo:
+    instance_id: str
+    instance_type: str
+    subnet_id: str
+    primary_ip: str
+    mac: str
+    pod_cidr: str | None
+    netns: str | None
+    netns_path: str | None
+    # Seen from inside the node's namespace (what an agent there uses).
+    ec2_url: str | None
+    imds_url: str | None
+    # Seen from the machine's loopback.
+    imds_local_url: str
+
+
+@attrs.frozen(kw_only=True)
+class VpcInfo:
+    vpc_id: str
+    cidr: str
+    region: str
+    ec2_url: str
+    control_url: str
+    router_netns: str | None
+    internet_netns: str | None
+    internet_ip: str | None
+    subnets: list[SubnetInfo]
+    nodes: list[NodeInfo]
+
+
+@attrs.frozen(kw_only=True)
+class AddSubnet:
+    cidr: str
+    az: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class AddNode:
+    instance_type: str = "m5.large"
+    subnet_id: str | None = None
+    pod_cidr: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Throttle:
+    action: str
+    count: int
+
+
+@attrs.frozen(kw_only=True)
+class ServerError:
+    action: str
+    count: int
+    status: int = 500
+
+
+@attrs.frozen(kw_only=True)
+class Latency:
+    action: str
+    seconds: float
+
+
+@attrs.frozen(kw_only=True)
+class AttachDelay:
+    seconds: float
