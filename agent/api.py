@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from agent.checkpoint import Allocation
 from agent.cni import CniService, map_error
 from agent.cni_spec import INVALID_ENV, CniError, validate
+from agent import config as config_mod
 from agent.config import Config
 from rpc.errors import RpcError
 from rpc.messages import CniParams, Peer, structure, unstructure
@@ -60,6 +62,17 @@ class AgentApi:
         if method == "agent.pods":
             now = time.time()
             return [pod_row(a, now) for a in sorted(self.cni.pods(), key=lambda a: a.ip)]
+        if method == "agent.pool":
+            return self.pool()
+        if method == "agent.config":
+            return [
+                {"setting": name, "value": value, "source": source}
+                for name, value, source in config_mod.effective(self.cfg)
+            ]
+        if method == "agent.events":
+            if not params.get("follow"):
+                return self.cni.events.recent()
+            return self._events(bool(params.get("replay", False)))
         raise RpcError(UNKNOWN_METHOD, f"unknown method {method!r}")
 
     async def _cni(self, command: str, params: dict[str, Any]) -> Any:
@@ -128,3 +141,17 @@ class AgentApi:
                 "writes": self.cni.checkpoint.writes,
             },
         }
+
+    def pool(self) -> dict[str, Any]:
+        now = self.cni.clock()
+        owners = [
+            {"owner": c.owner, "table": self.cni.pool.table_of(c.owner), "total": c.total,
+             "assigned": c.assigned, "cooling": c.cooling, "free": c.total - c.assigned - c.cooling}
+            for c in self.cni.pool.owner_counts(now)
+        ]
+        return {"provider": self.cni.provider.name, "cooldown_s": self.cni.pool.cooldown, "owners": owners}
+
+    async def _events(self, replay: bool) -> AsyncIterator[dict[str, Any]]:
+        async with self.cni.events.subscribe(replay=replay) as events:
+            async for event in events:
+                yield event

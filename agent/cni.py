@@ -41,6 +41,7 @@ from agent.cni_spec import (
     prev_result_ip,
     render_add_result,
 )
+from agent.events import EventBus
 from agent.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
@@ -100,6 +101,7 @@ class CniService:
         add_wait: float = 2.0,
         wire_timeout: float = 10.0,
         clock: Callable[[], float] = anyio.current_time,
+        events: EventBus | None = None,
     ) -> None:
         self.pool = pool
         self.datapath = datapath
@@ -108,6 +110,7 @@ class CniService:
         self.add_wait = add_wait
         self.wire_timeout = wire_timeout
         self.clock = clock
+        self.events = events or EventBus()
         self.allocations: dict[PodKey, Allocation] = {}
         self.checkpoint = Checkpoint(checkpoint_path, self.snapshot)
         self.locks = KeyLocks()
@@ -155,6 +158,7 @@ class CniService:
             log.warning(
                 "dropped allocation", extra={"key": str(a.key), "ip": str(a.ip), "reason": why}
             )
+            self.events.publish("allocation.dropped", key=str(a.key), ip=str(a.ip), reason=why)
         await self.checkpoint.commit()
         self.ready = True
         return dropped
@@ -259,6 +263,10 @@ class CniService:
             ip=alloc.ip,
             mtu=mtu,
         )
+        self.events.publish(
+            "pod.added", key=str(key), ip=str(alloc.ip), owner=alloc.owner,
+            pod=f"{alloc.pod_namespace}/{alloc.pod_name}" if alloc.pod_name else "",
+        )
         return render_add_result(req.conf.cni_version, out, req.conf.dns)
 
     async def _acquire(self, key: PodKey) -> Lease:
@@ -315,6 +323,7 @@ class CniService:
         self.pool.release(alloc.ip, self.clock())
         await self.checkpoint.commit()
         self._schedule_delete(alloc.host_veth)
+        self.events.publish("pod.deleted", key=str(key), ip=str(alloc.ip), cooldown_s=self.pool.cooldown)
         return alloc
 
     async def check(self, req: CniRequest) -> None:

@@ -76,29 +76,83 @@ def show_pods(pods: list[dict[str, Any]]) -> str:
     return table(rows, ("pod", "container", "if", "ip", "eni/cidr", "host veth", "age"))
 
 
-COMMANDS = {
-    "status": ("agent.status", show_status),
-    "pods": ("agent.pods", show_pods),
+def show_pool(pool: dict[str, Any]) -> str:
+    rows = [
+        (o["owner"], "main" if o["table"] is None else o["table"], o["total"], o["assigned"],
+         o["cooling"], o["free"])
+        for o in pool["owners"]
+    ]
+    head = f"provider {pool['provider']}, cooldown {pool['cooldown_s']:g}s\n"
+    return head + table(rows, ("eni/cidr", "table", "total", "assigned", "cooling", "free"))
+
+
+def show_config(rows: list[dict[str, Any]]) -> str:
+    return table(
+        [(r["setting"], orjson.dumps(r["value"]).decode(), r["source"]) for r in rows],
+        ("setting", "value", "source"),
+    )
+
+
+def show_event(e: dict[str, Any]) -> str:
+    import time
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+    fields = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("ts", "kind") and v != "")
+    return f"{stamp}  {e['kind']:<20} {fields}"
+
+
+def show_events(events: list[dict[str, Any]]) -> str:
+    return "\n".join(show_event(e) for e in events) or "(no events yet)"
+
+
+# command -> (method, params from args, renderer)
+COMMANDS: dict[str, tuple[str, Any, Any]] = {
+    "status": ("agent.status", lambda a: None, show_status),
+    "pods": ("agent.pods", lambda a: None, show_pods),
+    "pool": ("agent.pool", lambda a: None, show_pool),
+    "config": ("agent.config", lambda a: None, show_config),
+    "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    # --json is accepted before or after the command; the copy on the commands must not reset it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON for scripts")
     p = argparse.ArgumentParser(prog="agentctl", description="Inspect the local podwire-agent.")
-    p.add_argument("--socket", default=os.environ.get("PODWIRE_SOCKET", "/run/podwire/agent.sock"))
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--socket", default=os.environ.get("PODWIRE_SOCKET", "/run/podwire/agent.sock"))
     p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("command", choices=sorted(COMMANDS))
-    args = p.parse_args(argv)
-    method, show = COMMANDS[args.command]
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="agent, provider, pool and checkpoint summary")
+    sub.add_parser("pods", parents=[common], help="pods wired on this node")
+    sub.add_parser("pool", parents=[common], help="addresses per ENI or CIDR")
+    sub.add_parser("config", parents=[common], help="effective configuration and where each value came from")
+    ev = sub.add_parser("events", parents=[common], help="what the agent did recently")
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    method, params, show = COMMANDS[args.command]
     try:
         with Client(args.socket, timeout=args.timeout) as client:
-            result = client.call(method)
+            if args.command == "events" and args.follow:
+                for event in client.stream(method, params(args)):
+                    line = orjson.dumps(event).decode() if args.json else show_event(event)
+                    print(line, flush=True)
+                return EXIT_OK
+            result = client.call(method, params(args))
     except AgentUnreachable as e:
         print(f"agentctl: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except RpcError as e:
         print(f"agentctl: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     else:
