@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class NetlinkError(Exception):
     """Base of everything the kernel-facing layer raises."""
@@ -21,3 +23,46 @@ class NotANetns(NetlinkError):
     def __init__(self, path: str) -> None:
         super().__init__(f"{path!r} is not a network namespace")
         self.path = path
+
+
+class DatapathClosed(NetlinkError):
+    """The Datapath was used after ``close()`` (your code closed it)."""
+
+    def __init__(self) -> None:
+        super().__init__("the datapath is closed")
+
+
+class RequestFailed(NetlinkError):
+    """The kernel refused a netlink request (or the netlink socket itself failed)."""
+
+    def __init__(self, op: str, errno: int, detail: str = "") -> None:
+        reason = os.strerror(errno) + (f": {detail}" if detail else "")
+        super().__init__(f"{op}: {reason}")
+        self.op = op
+        self.errno = errno
+        self.detail = detail
+
+
+class LinkExists(NetlinkError):
+    """The pod's interface name is already taken inside the pod's namespace."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"link {name!r} already exists in the pod namespace")
+        self.name = name
+
+
+class HostVethExists(NetlinkError):
+    """The host-side veth name is taken by a link that is not this pod's."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"host link {name!r} already exists")
+        self.name = name
+
+
+class WireFailed(NetlinkError):
+    """Wiring a pod failed at ``step``; everything it had made was removed again."""
+
+    def __init__(self, step: str, cause: NetlinkError) -> None:
+        super().__init__(f"wiring failed at {step}: {cause}")
+        self.step = step
+        self.cause = cause
