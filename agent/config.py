@@ -11,9 +11,10 @@ line and stops.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,11 +63,32 @@ class IpamSection:
 
 
 @attrs.frozen(kw_only=True)
+class HealthSection:
+    # One HTTP listener answers /healthz, /readyz and /metrics (agent/health.py). Loopback by
+    # default: kubelet probes a hostNetwork pod at 127.0.0.1. Set 0.0.0.0 (or the node IP) to
+    # let Prometheus scrape /metrics from elsewhere. Port 0: any free port (logged at start).
+    address: str = "127.0.0.1"
+    port: int = 61680
+
+
+@attrs.frozen(kw_only=True)
+class CniSection:
+    # With install = true the agent writes the plugin and the conflist once it is ready, so the
+    # node is never reported network-ready before a pod can get an address.
+    install: bool = False
+    bin_dir: str = "/opt/cni/bin"
+    conf_dir: str = "/etc/cni/net.d"
+    chain: tuple[str, ...] = ()  # plugins chained after podwire, e.g. ["portmap", "bandwidth"]
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     agent: AgentSection = AgentSection()
     provider: ProviderSection = ProviderSection()
     static: StaticSection = StaticSection()
     ipam: IpamSection = IpamSection()
+    health: HealthSection = HealthSection()
+    cni: CniSection = CniSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -85,6 +107,8 @@ SECTIONS: dict[str, type[Any]] = {
     "provider": ProviderSection,
     "static": StaticSection,
     "ipam": IpamSection,
+    "health": HealthSection,
+    "cni": CniSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
@@ -197,11 +221,34 @@ def _check(cfg: Config) -> None:
         raise ConfigError("ipam.cooldown", "must not be negative")
     if cfg.provider.kind == "static" and not cfg.static.cidrs:
         raise ConfigError("static.cidrs", "the static provider needs at least one pod CIDR")
+    _check_health(cfg.health)
+    _check_cni(cfg.cni)
     nets = cfg.static.cidrs
     for i, n in enumerate(nets):
         for m in nets[i + 1 :]:
             if n.overlaps(m):
                 raise ConfigError("static.cidrs", f"{n} overlaps {m}")
+
+
+def _check_health(h: HealthSection) -> None:
+    try:
+        ip_address(h.address)
+    except ValueError:
+        raise ConfigError("health.address", f"{h.address!r} is not an IP address") from None
+    if not 0 <= h.port <= 65535:
+        raise ConfigError("health.port", f"{h.port} is outside 0..65535")
+
+
+_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_cni(c: CniSection) -> None:
+    for setting, path in (("cni.bin_dir", c.bin_dir), ("cni.conf_dir", c.conf_dir)):
+        if not path.startswith("/"):
+            raise ConfigError(setting, "must be an absolute path")
+    for name in c.chain:
+        if not _PLUGIN_NAME.match(name):
+            raise ConfigError("cni.chain", f"{name!r} is not a plugin name")
 
 
 def effective(cfg: Config) -> list[tuple[str, Any, str]]:

@@ -67,3 +67,55 @@ def test_agent_stops_with_one_clear_line(tmp_path: Path) -> None:
     proc = subprocess.run([str(agent), "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["podwire-agent: invalid setting agent.mtu: 70000 is outside 576..65535"]
+
+
+# -- [health] and [cni] -------------------------------------------------------------------------
+
+STATIC = '[static]\ncidrs = ["10.0.1.0/24"]\n'
+
+
+def test_health_and_cni_defaults() -> None:
+    cfg = load(None, {"PODWIRE_STATIC_CIDRS": "10.0.1.0/24"})
+    assert (cfg.health.address, cfg.health.port) == ("127.0.0.1", 61680)
+    assert cfg.cni.install is False and cfg.cni.chain == ()
+    assert (cfg.cni.bin_dir, cfg.cni.conf_dir) == ("/opt/cni/bin", "/etc/cni/net.d")
+    sources = {name: src for name, _, src in effective(cfg)}
+    assert sources["health.port"] == "default" and sources["cni.chain"] == "default"
+
+
+def test_health_and_cni_from_file_and_env(tmp_path: Path) -> None:
+    path = write(tmp_path, STATIC + '[health]\naddress = "0.0.0.0"\nport = 0\n'
+                 '[cni]\ninstall = true\nchain = ["portmap", "bandwidth"]\n')
+    cfg = load(path, {"PODWIRE_HEALTH_PORT": "9100", "PODWIRE_CNI_CONF_DIR": "/etc/cni/other"})
+    assert (cfg.health.address, cfg.health.port) == ("0.0.0.0", 9100)
+    assert cfg.cni.install is True and cfg.cni.chain == ("portmap", "bandwidth")
+    assert cfg.cni.conf_dir == "/etc/cni/other"
+    cfg = load(path, {"PODWIRE_CNI_CHAIN": "portmap", "PODWIRE_CNI_INSTALL": "no"})
+    assert cfg.cni.chain == ("portmap",) and cfg.cni.install is False and cfg.health.port == 0
+    values = {name: (value, src) for name, value, src in effective(cfg)}
+    assert values["cni.chain"] == (["portmap"], "env PODWIRE_CNI_CHAIN")
+    assert values["health.address"] == ("0.0.0.0", str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "setting"),
+    [
+        (STATIC + '[health]\naddress = "localhost"\n', {}, "health.address"),
+        (STATIC + "[health]\nport = 70000\n", {}, "health.port"),
+        (STATIC, {"PODWIRE_HEALTH_PORT": "-1"}, "health.port"),
+        (STATIC, {"PODWIRE_HEALTH_PORT": "http"}, "health.port"),
+        (STATIC + '[cni]\nbin_dir = "opt/cni/bin"\n', {}, "cni.bin_dir"),
+        (STATIC, {"PODWIRE_CNI_CONF_DIR": "net.d"}, "cni.conf_dir"),
+        (STATIC + '[cni]\nchain = ["portmap", "../evil"]\n', {}, "cni.chain"),
+        (STATIC + "[cni]\nchain = 3\n", {}, "cni.chain"),
+        (STATIC + '[cni]\ninstall = "sometimes"\n', {}, "cni.install"),
+        (STATIC + "[health]\nmetrics_port = 61678\n", {}, "health.metrics_port"),
+    ],
+)
+def test_bad_health_and_cni_settings(
+    tmp_path: Path, text: str, env: dict[str, str], setting: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), env)
+    assert e.value.setting == setting
+    assert "\n" not in str(e.value)
