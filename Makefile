@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps python3
+DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps curl util-linux python3
 PYTEST_ARGS ?=
 
 .PHONY: deps system-deps venv test unit integration e2e demo bench lint clean-netns

@@ -16,6 +16,8 @@ from agent.cni import CniService, map_error
 from agent.cni_spec import INVALID_ENV, CniError, validate
 from agent import config as config_mod
 from agent.config import Config
+from agent.health import Health
+from agent.metrics import Metrics
 from rpc.errors import RpcError
 from rpc.messages import CniParams, Peer, structure, unstructure
 
@@ -48,9 +50,13 @@ def pod_row(a: Allocation, now: float) -> dict[str, Any]:
 
 
 class AgentApi:
-    def __init__(self, cni: CniService, cfg: Config) -> None:
+    def __init__(
+        self, cni: CniService, cfg: Config, *, health: Health | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.cni = cni
         self.cfg = cfg
+        self.health = health or Health()
+        self.metrics = metrics or Metrics()
         self.started_at = time.time()
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
@@ -62,6 +68,10 @@ class AgentApi:
         if method == "agent.pods":
             now = time.time()
             return [pod_row(a, now) for a in sorted(self.cni.pods(), key=lambda a: a.ip)]
+        if method == "agent.health":
+            return self.health.report()
+        if method == "agent.metrics":
+            return self.metrics.text().decode()
         if method == "agent.pool":
             return self.pool()
         if method == "agent.config":
@@ -102,6 +112,7 @@ class AgentApi:
                 result = None
         except Exception as e:
             err = map_error(e)
+            self.metrics.observe_cni(command, err.code, time.perf_counter() - started)
             log.warning(
                 f"{command} failed",
                 extra={
@@ -113,10 +124,9 @@ class AgentApi:
                 },
             )
             raise RpcError(err.code, err.msg, err.details) from None
-        log.info(
-            command,
-            extra={"key": key, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-        )
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_cni(command, 0, elapsed)
+        log.info(command, extra={"key": key, "duration_ms": round(elapsed * 1000, 2)})
         return result
 
     def status(self) -> dict[str, Any]:

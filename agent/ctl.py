@@ -105,6 +105,15 @@ def show_events(events: list[dict[str, Any]]) -> str:
     return "\n".join(show_event(e) for e in events) or "(no events yet)"
 
 
+def show_health(h: dict[str, Any]) -> str:
+    lines = [f"live:  {'yes' if h['alive'] else 'NO'}", f"ready: {'yes' if h['ready'] else 'NO'}"]
+    for name, svc in sorted(h["services"].items()):
+        lines.append(f"  service {name:<14} {'alive' if svc['alive'] else 'DEAD ' + svc['reason']}")
+    for name, cond in sorted(h["conditions"].items()):
+        lines.append(f"  ready   {name:<14} {'ok' if cond['ok'] else 'NO'}  {cond['reason']}")
+    return "\n".join(lines)
+
+
 # command -> (method, params from args, renderer)
 COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "status": ("agent.status", lambda a: None, show_status),
@@ -112,6 +121,8 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "pool": ("agent.pool", lambda a: None, show_pool),
     "config": ("agent.config", lambda a: None, show_config),
     "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
+    "health": ("agent.health", lambda a: None, show_health),
+    "metrics": ("agent.metrics", lambda a: None, str),
 }
 
 
@@ -129,6 +140,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("pods", parents=[common], help="pods wired on this node")
     sub.add_parser("pool", parents=[common], help="addresses per ENI or CIDR")
     sub.add_parser("config", parents=[common], help="effective configuration and where each value came from")
+    h = sub.add_parser("health", parents=[common],
+                       help="liveness and readiness; exit 0 when ready (or alive with --live)")
+    h.add_argument("--live", action="store_true", help="only liveness (for a liveness exec probe)")
+    sub.add_parser("metrics", parents=[common], help="Prometheus metrics text")
     ev = sub.add_parser("events", parents=[common], help="what the agent did recently")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return p
@@ -157,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print(show(result))
+    if args.command == "health":
+        ok = result["alive"] if args.live else result["alive"] and result["ready"]
+        return EXIT_OK if ok else EXIT_ERROR
     return EXIT_OK
 
 

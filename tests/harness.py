@@ -86,7 +86,9 @@ class Node:
             "[static]\n"
             f"cidrs = {json.dumps(list(cidrs))}\n"
             "[ipam]\n"
-            f"cooldown = {cooldown}\n" + extra_config
+            f"cooldown = {cooldown}\n"
+            "[health]\n"
+            "port = 0\n" + extra_config
         )
         subprocess.run(
             [str(VENV_BIN / "podwire-agent"), "install-cni", "--bin-dir", str(self.bin_dir),
@@ -147,6 +149,14 @@ class Node:
 
     def log_events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    @property
+    def health_url(self) -> str:
+        """The agent's health/metrics endpoint, as its "ready" log line reports it."""
+        for event in self.log_events():
+            if event.get("msg") == "ready":
+                return str(event["health"])
+        raise RuntimeError("agent has not logged its readiness")
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         with Client(self.socket, timeout=10) as c:

@@ -83,3 +83,32 @@ def test_unreachable_agent_and_bad_socket(tmp_path: Path) -> None:
     assert not_socket.returncode == 3 and not_socket.stdout == ""
     usage = subprocess.run([AGENTCTL, "frobnicate"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+def test_health_endpoints_and_agentctl_health(node: Node) -> None:
+    base = node.health_url
+    live = node.netns.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/healthz", check=False)
+    ready = node.netns.run("curl", "-s", f"{base}/readyz", check=False)
+    assert live.stdout == "200"
+    assert json.loads(ready.stdout)["ready"] is True
+    r = node.ctl("health")
+    assert r.returncode == 0 and "ready: yes" in r.stdout and "service rpc" in r.stdout
+    assert node.ctl("health", "--live").returncode == 0
+
+
+def test_metrics_move_with_traffic(node: Node) -> None:
+    def adds() -> float:
+        text = node.ctl("metrics").stdout
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith('podwire_cni_requests_total{') and 'verb="ADD"' in line and 'code="0"' in line:
+                total += float(line.split()[-1])
+        return total
+
+    before = adds()
+    pod = node.new_pod()
+    assert node.add(pod).code == 0
+    assert adds() == before + 1
+    text = node.netns.run("curl", "-s", f"{node.health_url}/metrics").stdout
+    assert 'podwire_pool_addresses{owner="10.77.0.0/24",state="assigned"}' in text
+    assert node.delete(pod).code == 0
