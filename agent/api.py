@@ -18,6 +18,7 @@ from agent import config as config_mod
 from agent.config import Config
 from agent.health import Health
 from agent.metrics import Metrics
+from agent.snat_service import SnatService
 from rpc.errors import RpcError
 from rpc.messages import CniParams, Peer, structure, unstructure
 
@@ -30,7 +31,7 @@ CNI_METHODS = {
     "cni.gc": "GC",
     "cni.status": "STATUS",
 }
-MUTATING = frozenset({"cni.add", "cni.del", "cni.check", "cni.gc", "agent.gc"})
+MUTATING = frozenset({"cni.add", "cni.del", "cni.check", "cni.gc", "agent.gc", "agent.snat.set"})
 UNKNOWN_METHOD = 101
 
 
@@ -51,12 +52,14 @@ def pod_row(a: Allocation, now: float) -> dict[str, Any]:
 
 class AgentApi:
     def __init__(
-        self, cni: CniService, cfg: Config, *, health: Health | None = None, metrics: Metrics | None = None
+        self, cni: CniService, cfg: Config, *, health: Health | None = None, metrics: Metrics | None = None,
+        snat: SnatService | None = None,
     ) -> None:
         self.cni = cni
         self.cfg = cfg
         self.health = health or Health()
         self.metrics = metrics or Metrics()
+        self.snat = snat
         self.started_at = time.time()
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
@@ -68,6 +71,16 @@ class AgentApi:
         if method == "agent.pods":
             now = time.time()
             return [pod_row(a, now) for a in sorted(self.cni.pods(), key=lambda a: a.ip)]
+        if method == "agent.snat":
+            return self.snat.status() if self.snat else {"enabled": False}
+        if method == "agent.snat.set":
+            if self.snat is None or self.snat.backend is None:
+                raise RpcError(UNKNOWN_METHOD, "SNAT is not running on this node")
+            external = params.get("external")
+            if not isinstance(external, bool):
+                raise RpcError(6, "invalid request", "expected {\"external\": true|false}")
+            self.snat.set_external(external)
+            return self.snat.status()
         if method == "agent.health":
             return self.health.report()
         if method == "agent.metrics":

@@ -82,6 +82,22 @@ class CniSection:
 
 
 @attrs.frozen(kw_only=True)
+class SnatSection:
+    # Egress SNAT of pod traffic leaving the VPC, in one nftables table of the agent's own
+    # (iptables-restore where nftables is missing). external = true leaves SNAT to something
+    # else (a NAT gateway); it can also be switched at run time with `agentctl snat`.
+    enabled: bool = True
+    external: bool = False
+    mode: Literal["random-fully", "hashrandom", "none", "prng"] = "random-fully"
+    exclude_cidrs: tuple[IPv4Network, ...] = ()
+    vpc_cidrs: tuple[IPv4Network, ...] = ()  # static provider: destinations reached without NAT
+    node_ip: str = ""  # static provider: "" means the address of primary_interface
+    primary_interface: str = "eth0"
+    backend: Literal["auto", "nftables", "iptables"] = "auto"
+    verify_interval: float = 60.0
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     agent: AgentSection = AgentSection()
     provider: ProviderSection = ProviderSection()
@@ -89,6 +105,7 @@ class Config:
     ipam: IpamSection = IpamSection()
     health: HealthSection = HealthSection()
     cni: CniSection = CniSection()
+    snat: SnatSection = SnatSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -109,12 +126,16 @@ SECTIONS: dict[str, type[Any]] = {
     "ipam": IpamSection,
     "health": HealthSection,
     "cni": CniSection,
+    "snat": SnatSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
 VPC_CNI_ALIASES: dict[str, str] = {
     "IP_COOLDOWN_PERIOD": "ipam.cooldown",
     "AWS_VPC_ENI_MTU": "agent.mtu",
+    "AWS_VPC_K8S_CNI_EXTERNALSNAT": "snat.external",
+    "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": "snat.exclude_cidrs",
+    "AWS_VPC_K8S_CNI_RANDOMIZESNAT": "snat.mode",
 }
 
 

@@ -56,8 +56,17 @@ def show_status(st: dict[str, Any]) -> str:
         f"Pool:       {pool['total']} total, {pool['assigned']} assigned, {pool['cooling']} cooling, "
         f"{pool['available']} available (cooldown {pool['cooldown_s']:g}s)",
         f"Checkpoint: {st['checkpoint']['path']} ({st['checkpoint']['writes']} writes)",
+        f"SNAT:       {show_snat_line(st.get('snat', {}))}",
     ]
     return "\n".join(lines)
+
+
+def show_snat_line(s: dict[str, Any]) -> str:
+    if not s.get("backend"):
+        return "off"
+    state = "external (not done here)" if s["external"] else f"to node address, {s['mode']}"
+    err = f", last error: {s['last_error']}" if s.get("last_error") else ""
+    return f"{s['backend']}, {state}, {s['reconciles']} reconciles, {s['repairs']} repairs{err}"
 
 
 def show_pods(pods: list[dict[str, Any]]) -> str:
@@ -122,6 +131,7 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "config": ("agent.config", lambda a: None, show_config),
     "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
     "health": ("agent.health", lambda a: None, show_health),
+    "snat": ("agent.snat", lambda a: None, show_snat_line),
     "metrics": ("agent.metrics", lambda a: None, str),
 }
 
@@ -144,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
                        help="liveness and readiness; exit 0 when ready (or alive with --live)")
     h.add_argument("--live", action="store_true", help="only liveness (for a liveness exec probe)")
     sub.add_parser("metrics", parents=[common], help="Prometheus metrics text")
+    sn = sub.add_parser("snat", parents=[common], help="SNAT backend and state; switch external SNAT")
+    sn.add_argument("--external", choices=("on", "off"), help="switch external SNAT at run time")
     ev = sub.add_parser("events", parents=[common], help="what the agent did recently")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return p
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     line = orjson.dumps(event).decode() if args.json else show_event(event)
                     print(line, flush=True)
                 return EXIT_OK
+            if args.command == "snat" and args.external:
+                method, params = "agent.snat.set", lambda a: {"external": a.external == "on"}
             result = client.call(method, params(args))
     except AgentUnreachable as e:
         print(f"agentctl: {e}", file=sys.stderr)

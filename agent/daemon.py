@@ -37,6 +37,7 @@ from agent.health import (
 )
 from agent.ipam import IpPool
 from agent.metrics import Metrics
+from agent.snat_service import SnatService, pool_cidrs
 from cloud.provider import Provider
 from cloud.static import StaticProvider
 from netlink.veth import Datapath
@@ -113,7 +114,15 @@ async def run(cfg: Config, *, task_status: anyio.abc.TaskStatus[None] = anyio.TA
             health.set_ready(PROVIDER_REACHABLE, True, provider.name)
             health.set_ready(STATE_RESTORED, True, f"{len(cni.allocations)} allocations, {len(dropped)} dropped")
             replayed, kept = await spool.replay(Path(cfg.agent.spool_dir), cni.delete)
-            api = AgentApi(cni, cfg, health=health, metrics=metrics)
+            snat = SnatService(
+                cfg.snat, facts=provider.facts, metrics=metrics, events=events,
+                pod_cidrs=lambda: pool_cidrs(cni.pool, provider.facts().pod_cidrs),
+            )
+            if cfg.snat.enabled and (provider.facts().vpc_cidrs or cfg.snat.vpc_cidrs):
+                await tg.start(health.run, "snat", snat.serve)
+            else:
+                log.warning("SNAT off: enable it and give snat.vpc_cidrs (static provider)")
+            api = AgentApi(cni, cfg, health=health, metrics=metrics, snat=snat)
             await tg.start(
                 health.run, "rpc",
                 partial(

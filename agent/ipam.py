@@ -129,6 +129,10 @@ class IpPool:
         self._tables.pop(owner, None)
         return True
 
+    def addresses(self) -> list[IPv4Address]:
+        """Every address the pool holds, whatever its state."""
+        return list(self._owner)
+
     def owners(self) -> list[str]:
         return list(self._tables)
 

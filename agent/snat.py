@@ -310,37 +310,53 @@ def _elements(nets: Sequence[IPv4Network], indent: str) -> str:
     return f"{{\n{indent}\t{inner}\n{indent}}}"
 
 
-def render_nft(spec: SnatSpec) -> str:
-    """Return an nft script that replaces ``table ip podwire`` with ``spec``'s state in one
-    transaction and touches no other table."""
-    t = f"{NFT_FAMILY} {NFT_TABLE}"
-    out = [
-        "# podwire SNAT state: generated, replaced as a whole in one transaction",
-        f"add table {t}",
-        f"delete table {t}",
-        f"table {t} {{",
+def _our_chains(spec: SnatSpec) -> list[tuple[str, str, str, list[tuple[str, str]]]]:
+    """(name, type, priority, rules) of our base chains; both always exist (see render_nft)."""
+    return [
+        (NFT_CONNMARK_CHAIN, "filter", NFT_CONNMARK_PRIORITY[0], _ct_mark_rules(spec)),
+        (NFT_SNAT_CHAIN, "nat", NFT_SNAT_PRIORITY[0], _snat_rules(spec)),
     ]
+
+
+def render_nft(spec: SnatSpec, present: NftTableState | None = None) -> str:
+    """Return an nft script that makes ``table ip podwire`` hold ``spec``'s state, in one
+    transaction that touches no other table.
+
+    Our base chains are never deleted, only flushed and refilled: unregistering the last nat
+    chain makes the kernel drop the NAT bindings of live connections, which then leave with
+    the pod's address and are reset — an agent restart or a switch of external SNAT would
+    break pods' connections. With external SNAT the nat chain stays, empty. ``present`` (the
+    live table, when known) lets the script delete what someone else added to our table and
+    re-create a chain or set whose definition differs.
+    """
+    t = f"{NFT_FAMILY} {NFT_TABLE}"
+    chains = _our_chains(spec)
+    want = expected_nft_state(spec)
+    out = ["# podwire SNAT state: generated, applied as one transaction", f"add table {t}"]
+    for name, kind, prio, _ in chains:
+        out += [
+            f"add chain {t} {name} {{ type {kind} hook {name} priority {prio}; policy accept; }}",
+            f"flush chain {t} {name}",
+        ]
+    if present is not None:
+        keep_chains = {c.name: c for c in want.chains}
+        for c in present.chains:
+            if keep_chains.get(c.name) != c:
+                out.append(f"delete chain {t} {c.name}")
+                if c.name in keep_chains:
+                    name, kind, prio, _ = next(x for x in chains if x[0] == c.name)
+                    out.append(f"add chain {t} {name} {{ type {kind} hook {name} priority {prio}; policy accept; }}")
+        keep_sets = {(s.name, s.type, s.flags) for s in want.sets}
+        for st in present.sets:
+            if (st.name, st.type, st.flags) not in keep_sets:
+                out.append(f"delete set {t} {st.name}")
     for name in SET_NAMES:
-        out += [f"\tset {name} {{", "\t\ttype ipv4_addr", "\t\tflags interval"]
+        out += [f"add set {t} {name} {{ type ipv4_addr; flags interval; }}", f"flush set {t} {name}"]
         nets = spec.cidrs(name)
         if nets:
-            out.append(f"\t\telements = {_elements(nets, chr(9) * 2)}")
-        out.append("\t}")
-    chains: list[tuple[str, str, str, list[tuple[str, str]]]] = [
-        (NFT_CONNMARK_CHAIN, "filter", NFT_CONNMARK_PRIORITY[0], _ct_mark_rules(spec)),
-    ]
-    snat = _snat_rules(spec)
-    if snat:
-        chains.append((NFT_SNAT_CHAIN, "nat", NFT_SNAT_PRIORITY[0], snat))
-    for chain, kind, prio, rules in chains:
-        hook = chain  # our chains are named after their hooks
-        out += [
-            f"\tchain {chain} {{",
-            f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;",
-        ]
-        out += [f'\t\t{text} comment "{comment}"' for text, comment in rules]
-        out.append("\t}")
-    out.append("}")
+            out.append(f"add element {t} {name} {{ {', '.join(map(str, nets))} }}")
+    for name, _, _, rules in chains:
+        out += [f'add rule {t} {name} {text} comment "{comment}"' for text, comment in rules]
     return "\n".join(out) + "\n"
 
 
@@ -491,6 +507,15 @@ def expected_nft_state(spec: SnatSpec) -> NftTableState:
             policy="accept",
         )
     ]
+    chains.append(
+        NftChain(
+            name=NFT_SNAT_CHAIN,
+            type="nat",
+            hook="postrouting",
+            prio=NFT_SNAT_PRIORITY[1],
+            policy="accept",
+        )
+    )
     if not spec.external_snat:
         snat: dict[str, Any] = {"addr": str(spec.node_ip)}
         flag = _JSON_SNAT_FLAGS[spec.mode]
@@ -506,15 +531,6 @@ def expected_nft_state(spec: SnatSpec) -> NftTableState:
         rules.append(
             NftRule(
                 chain=NFT_SNAT_CHAIN, comment=_snat_rules(spec)[0][1], expr=_canonical_json(expr)
-            )
-        )
-        chains.append(
-            NftChain(
-                name=NFT_SNAT_CHAIN,
-                type="nat",
-                hook="postrouting",
-                prio=NFT_SNAT_PRIORITY[1],
-                policy="accept",
             )
         )
     sets = [

@@ -282,8 +282,11 @@ class Nft:
         return doc
 
     def apply(self, spec: SnatSpec) -> None:
-        """Replace our table with ``spec``'s state in one transaction. Raises NftError."""
-        self.run(render_nft(spec))
+        """Make our table hold ``spec``'s state in one transaction, removing whatever else was
+        added to it. Raises NftError."""
+        doc = self.list_table_json()
+        present = parse_nft_listing(doc) if doc is not None else None
+        self.run(render_nft(spec, present))
 
     def apply_delta(self, deltas: Iterable[SetDelta]) -> None:
         """Apply set-element changes in one transaction. Raises NftError when the kernel's

@@ -59,16 +59,23 @@ class Node:
         extra_config: str = "",
         chain: tuple[str, ...] = (),
         tag: str = "node",
+        netns: str | None = None,
+        primary_ip: str = "10.76.0.10",
     ) -> None:
+        """A node in a namespace of its own, or in ``netns`` made by someone else (the
+        emulator's nodes, which already have an uplink with ``primary_ip``)."""
         self.dir = Path(tempfile.mkdtemp(prefix="podwire-"))
-        self.netns = Netns(unique_name(tag))
-        # the node's own address, as a real node's primary interface has
-        self.primary_ip = "10.76.0.10"
-        # (this kernel has no dummy module: an unconnected veth pair serves as the interface)
-        self.netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
-        self.netns.run("ip", "addr", "add", f"{self.primary_ip}/24", "dev", "eth0")
-        self.netns.run("ip", "link", "set", "eth0", "up")
-        self.netns.run("ip", "link", "set", "eth0peer", "up")
+        self.primary_ip = primary_ip
+        if netns is not None:
+            self.netns = Netns(netns, create=False)
+        else:
+            self.netns = Netns(unique_name(tag))
+            # the node's own address, as a real node's primary interface has (this kernel has
+            # no dummy module: an unconnected veth pair serves as the interface)
+            self.netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
+            self.netns.run("ip", "addr", "add", f"{self.primary_ip}/24", "dev", "eth0")
+            self.netns.run("ip", "link", "set", "eth0", "up")
+            self.netns.run("ip", "link", "set", "eth0peer", "up")
         self.socket = str(self.dir / "agent.sock")
         self.bin_dir = self.dir / "bin"
         self.conf_dir = self.dir / "net.d"

@@ -24,13 +24,19 @@ def unique_name(tag: str) -> str:
 
 
 class Netns:
-    """A named network namespace made by ``ip netns add``; ``close()`` deletes it."""
+    """A named network namespace made by ``ip netns add``; ``close()`` deletes it.
 
-    def __init__(self, name: str) -> None:
+    With ``create=False`` it wraps a namespace someone else made (the emulator's nodes) and
+    ``close()`` leaves it alone.
+    """
+
+    def __init__(self, name: str, *, create: bool = True) -> None:
         self.name = name
         self.path = f"{NETNS_DIR}/{name}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        self.run("ip", "link", "set", "lo", "up")
+        self.owned = create
+        if create:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            self.run("ip", "link", "set", "lo", "up")
 
     def run(
         self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None
@@ -54,7 +60,8 @@ class Netns:
         self.run("sysctl", "-q", "-w", f"{key}={value}")
 
     def close(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
+        if self.owned:
+            subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
 
     def __repr__(self) -> str:
         return f"Netns({self.name!r})"

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from agent.snat import (
     SET_NAMES,
     InvalidSnatSpec,
+    NftChain,
+    NftSet,
     IptablesOwned,
     Mode,
     SnatSpec,
@@ -149,9 +151,11 @@ def test_repr_shows_counts() -> None:
 def test_external_snat_keeps_table_and_sets_but_no_snat_and_no_pod_connmark() -> None:
     script = render_nft(CASES["external"])
     assert "snat to" not in script
-    assert "chain postrouting" not in script
+    # the nat chain stays registered (empty): removing it would drop live NAT bindings
+    assert "add chain ip podwire postrouting { type nat" in script
+    assert "delete" not in script
     for name in SET_NAMES:
-        assert f"set {name} {{" in script
+        assert f"add set ip podwire {name} {{" in script
     assert "ct state new" not in script
     assert "fib daddr . iif type local" in script  # NodePort connmark stays (VPC CNI too)
     assert "restore" in script
@@ -173,16 +177,27 @@ def test_mode_none_has_no_flag() -> None:
     assert "--to-source 10.0.0.10\n" in render_iptables(spec)
 
 
-def test_nft_script_touches_only_our_table() -> None:
+def test_nft_script_touches_only_our_table_and_never_deletes_our_chains() -> None:
     script = render_nft(BASE)
-    lines = [line for line in script.splitlines() if line and not line.startswith(("#", "\t"))]
-    assert lines == [
-        "add table ip podwire",
-        "delete table ip podwire",
-        "table ip podwire {",
-        "}",
-    ]
+    lines = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert all(" ip podwire" in line for line in lines)
+    assert not any(line.startswith("delete") for line in lines)
+    assert lines[0] == "add table ip podwire"
     assert render_nft_removal() == "add table ip podwire\ndelete table ip podwire\n"
+
+
+def test_full_apply_removes_what_others_added_to_our_table() -> None:
+    present = attrs.evolve(
+        expected_nft_state(BASE),
+        chains=(*expected_nft_state(BASE).chains,
+                NftChain(name="intruder", type="filter", hook="input", prio=0, policy="accept")),
+        sets=(*expected_nft_state(BASE).sets,
+              NftSet(name="pod_cidrs", type="ipv4_addr", flags=(), elements=())),
+    )
+    script = render_nft(BASE, present)
+    assert "delete chain ip podwire intruder" in script
+    assert "delete set ip podwire pod_cidrs" in script  # same name, wrong flags: re-made
+    assert "delete chain ip podwire postrouting" not in script
 
 
 # --- deltas -----------------------------------------------------------------------------------
