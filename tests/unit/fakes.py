@@ -6,9 +6,12 @@ from collections.abc import Sequence
 
 import anyio
 
+from agent.gc import PolicyRule
+from agent.netns_holders import NetnsFact
 from cloud.provider import AddressBlock, NodeFacts
 from netlink.errors import NetlinkError, NetnsNotFound
 from netlink.veth import PodNet, WiredPod
+from netlink.watcher import RuleEvent
 
 
 class FakeDatapath:
@@ -22,6 +25,7 @@ class FakeDatapath:
         self.wire_delay = 0.0
         self.deleted: list[str] = []
         self.calls: list[str] = []
+        self.rules: list[RuleEvent] = []  # host policy rules, for GC
 
     def _mac(self, name: str, side: int) -> str:
         return f"02:00:00:00:{side:02x}:{abs(hash(name)) % 256:02x}"
@@ -73,6 +77,35 @@ class FakeDatapath:
 
     async def link_exists(self, name: str) -> bool:
         return name in self.pods
+
+    # -- what GC needs beyond the CNI service (agent.gc.GcKernel) --
+
+    async def policy_rules(self) -> list[RuleEvent]:
+        return list(self.rules)
+
+    async def delete_rules(self, rules: Sequence[PolicyRule]) -> None:
+        self.calls.append(f"delete rules {len(rules)}")
+        gone = {(r.priority, r.ip) for r in rules}
+        self.rules = [
+            r for r in self.rules if (r.priority, r.src if r.src is not None else r.dst) not in gone
+        ]
+
+
+class FakeNetnsProbe:
+    """agent.gc's Probe over a FakeDatapath: a path exists while it is in ``dp.netns``, and is
+    held while it is also in ``held``."""
+
+    def __init__(self, dp: FakeDatapath) -> None:
+        self.dp = dp
+        self.held: set[str] = set()
+        self.calls = 0
+
+    async def __call__(self, paths: Sequence[str]) -> dict[str, NetnsFact]:
+        self.calls += 1
+        return {
+            p: NetnsFact(exists=p in self.dp.netns, held=p in self.dp.netns and p in self.held)
+            for p in paths
+        }
 
 
 class FakeProvider:
