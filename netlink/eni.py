@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
@@ -31,10 +30,7 @@ from typing import Any
 import anyio
 import attrs
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
-from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK, RTMGRP_LINK
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from netlink.errors import RequestFailed
 from netlink.ns import entered_path
@@ -244,84 +240,3 @@ async def unconfigure(
 async def ensure_fwmark_rule(netns_path: str | None) -> None:
     """``ensure_fwmark_rule_sync`` in a worker thread."""
     await anyio.to_thread.run_sync(ensure_fwmark_rule_sync, netns_path)
-
-
-# --- waiting for a link ------------------------------------------------------------------------
-
-_HEADER = struct.Struct("=IHHII")
-
-
-def _link_socket(netns_path: str | None) -> socket.socket:
-    def make() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-        try:
-            sock.bind((0, RTMGRP_LINK))
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    if netns_path is None:
-        return make()
-    with entered_path(netns_path):
-        return make()
-
-
-def _dump_request(seq: int) -> bytes:
-    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-    flags = NLM_F_REQUEST | NLM_F_DUMP
-    return _HEADER.pack(_HEADER.size + len(body), RTM_GETLINK, flags, seq, 0) + body
-
-
-def links_in(data: bytes) -> Iterator[LinkInfo]:
-    """Yield the links of every RTM_NEWLINK message in one netlink datagram."""
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind = _HEADER.unpack_from(data, offset)[:2]
-        if length < _HEADER.size:
-            return
-        if kind == RTM_NEWLINK:
-            msg = ifinfmsg(data[offset : offset + length])
-            msg.decode()
-            mac = msg.get_attr("IFLA_ADDRESS")
-            if mac:
-                yield LinkInfo(
-                    ifindex=msg["index"], name=msg.get_attr("IFLA_IFNAME") or "", mac=mac.lower()
-                )
-        offset += (length + 3) & ~3
-
-
-class NetlinkLinkWaiter:
-    """Waits for a link with a MAC to appear in a namespace, on netlink events (see the module
-    docstring). Implements ``cloud.aws.provider.LinkWaiter``."""
-
-    def __init__(self, netns_path: str | None = None) -> None:
-        self.netns_path = netns_path
-
-    def __repr__(self) -> str:
-        return f"NetlinkLinkWaiter({self.netns_path!r})"
-
-    async def wait_link(self, mac: str, timeout: float) -> LinkInfo:
-        """Return the link with ``mac`` once it exists; raises TimeoutError after ``timeout``."""
-        mac = mac.lower()
-        sock = await anyio.to_thread.run_sync(_link_socket, self.netns_path)
-        try:
-            with anyio.fail_after(timeout):
-                sock.send(_dump_request(1))
-                while True:
-                    await anyio.wait_readable(sock)
-                    try:
-                        data = sock.recv(1 << 16)
-                    except BlockingIOError:
-                        continue
-                    except OSError as e:
-                        if e.errno == errno.ENOBUFS:  # events lost: ask for a dump again
-                            sock.send(_dump_request(2))
-                            continue
-                        raise RequestFailed("wait for ENI link", e.errno or 0) from None
-                    for link in links_in(data):
-                        if link.mac == mac:
-                            return link
-        finally:
-            sock.close()

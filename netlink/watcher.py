@@ -449,7 +449,7 @@ class Watcher:
         """Call ``callback(item)`` on every delivery, synchronously; it must not block."""
         self._callbacks.append(callback)
 
-    async def wait_link(self, *, mac: str, timeout: float) -> LinkEvent:
+    async def wait_link(self, mac: str, timeout: float) -> LinkEvent:
         """Return the link whose MAC is ``mac``, waiting up to ``timeout`` s for it to appear.
 
         Raises LinkWaitTimedOut, or WatcherNotRunning if ``serve`` ends while waiting.

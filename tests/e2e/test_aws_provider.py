@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import anyio
 import pytest
 
 from cloud.aws.ec2 import Credentials, Ec2, RetryPolicy, open_ec2
@@ -32,7 +33,7 @@ from cloud.errors import (
     SubnetExhausted,
     Throttled,
 )
-from netlink.eni import NetlinkLinkWaiter
+from netlink.watcher import Watcher
 
 pytestmark = [pytest.mark.anyio, pytest.mark.root]
 
@@ -66,7 +67,9 @@ class Env:
 
 
 async def make_env(vpc: Vpc, node: Node) -> AsyncIterator[Env]:
+    watcher = Watcher(netns=node.netns_path)
     async with (
+        anyio.create_task_group() as tg,
         Imds(node.imds_local_url, timeout=5.0) as imds,
         open_ec2(
             region=vpc.region,
@@ -75,14 +78,16 @@ async def make_env(vpc: Vpc, node: Node) -> AsyncIterator[Env]:
             policy=FAST,
         ) as ec2,
     ):
+        await tg.start(watcher.serve)
         provider = AwsProvider(
             imds=imds,
             ec2=ec2,
-            link_waiter=NetlinkLinkWaiter(node.netns_path),
+            link_waiter=watcher,
             links=NetlinkEniLinks(node.netns_path),
             settings=SETTINGS,
         )
         yield Env(vpc, node, provider, ec2)
+        tg.cancel_scope.cancel()
 
 
 @pytest.fixture
