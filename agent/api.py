@@ -11,11 +11,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
+
+from agent import config as config_mod
 from agent.checkpoint import Allocation
 from agent.cni import CniService, map_error
 from agent.cni_spec import INVALID_ENV, CniError, validate
-from agent import config as config_mod
 from agent.config import Config
+from agent.gc import GcService
 from agent.health import Health
 from agent.metrics import Metrics
 from agent.snat_service import SnatService
@@ -35,6 +38,22 @@ MUTATING = frozenset({"cni.add", "cni.del", "cni.check", "cni.gc", "agent.gc", "
 UNKNOWN_METHOD = 101
 
 
+def eni_row(e: Any) -> dict[str, Any]:
+    return {
+        "eni": e.eni_id,
+        "device": e.device_index,
+        "primary": e.primary,
+        "no_manage": e.no_manage,
+        "mac": e.mac,
+        "subnet": e.subnet_id,
+        "subnet_cidr": str(e.subnet_cidr),
+        "primary_ip": str(e.primary_ip),
+        "table": e.table,
+        "ips": [str(i) for i in e.ips],
+        "prefixes": [str(p) for p in e.prefixes],
+    }
+
+
 def pod_row(a: Allocation, now: float) -> dict[str, Any]:
     return {
         "namespace": a.pod_namespace,
@@ -52,14 +71,25 @@ def pod_row(a: Allocation, now: float) -> dict[str, Any]:
 
 class AgentApi:
     def __init__(
-        self, cni: CniService, cfg: Config, *, health: Health | None = None, metrics: Metrics | None = None,
+        self,
+        cni: CniService,
+        cfg: Config,
+        *,
+        health: Health | None = None,
+        metrics: Metrics | None = None,
         snat: SnatService | None = None,
+        gc: GcService | None = None,
+        provider: Any = None,
+        refiller: Any = None,
     ) -> None:
         self.cni = cni
         self.cfg = cfg
         self.health = health or Health()
         self.metrics = metrics or Metrics()
         self.snat = snat
+        self.gc = gc
+        self.provider = provider
+        self.refiller = refiller
         self.started_at = time.time()
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
@@ -71,6 +101,14 @@ class AgentApi:
         if method == "agent.pods":
             now = time.time()
             return [pod_row(a, now) for a in sorted(self.cni.pods(), key=lambda a: a.ip)]
+        if method == "agent.gc":
+            if self.gc is None:
+                raise RpcError(UNKNOWN_METHOD, "GC is not running on this node")
+            report = await self.gc.run_once(dry_run=bool(params.get("dry_run", False)))
+            return {**attrs.asdict(report), "collected": report.collected}
+        if method == "agent.enis":
+            enis = getattr(self.provider, "enis", None)
+            return [eni_row(e) for e in enis()] if enis else []
         if method == "agent.snat":
             return self.snat.status() if self.snat else {"enabled": False}
         if method == "agent.snat.set":
@@ -78,7 +116,7 @@ class AgentApi:
                 raise RpcError(UNKNOWN_METHOD, "SNAT is not running on this node")
             external = params.get("external")
             if not isinstance(external, bool):
-                raise RpcError(6, "invalid request", "expected {\"external\": true|false}")
+                raise RpcError(6, "invalid request", 'expected {"external": true|false}')
             self.snat.set_external(external)
             return self.snat.status()
         if method == "agent.health":
@@ -102,7 +140,8 @@ class AgentApi:
         p = structure(params, CniParams)
         env = unstructure(p.env)
         started = time.perf_counter()
-        key = f"{p.config.get('name', '')}/{env.get('CNI_CONTAINERID', '')}/{env.get('CNI_IFNAME', '')}"
+        cid, ifname = env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", "")
+        key = f"{p.config.get('name', '')}/{cid}/{ifname}"
         try:
             if env.get("CNI_COMMAND") != command:
                 raise CniError(
@@ -168,11 +207,25 @@ class AgentApi:
     def pool(self) -> dict[str, Any]:
         now = self.cni.clock()
         owners = [
-            {"owner": c.owner, "table": self.cni.pool.table_of(c.owner), "total": c.total,
-             "assigned": c.assigned, "cooling": c.cooling, "free": c.total - c.assigned - c.cooling}
+            {
+                "owner": c.owner,
+                "table": self.cni.pool.table_of(c.owner),
+                "total": c.total,
+                "assigned": c.assigned,
+                "cooling": c.cooling,
+                "free": c.total - c.assigned - c.cooling,
+            }
             for c in self.cni.pool.owner_counts(now)
         ]
-        return {"provider": self.cni.provider.name, "cooldown_s": self.cni.pool.cooldown, "owners": owners}
+        out: dict[str, Any] = {
+            "provider": self.cni.provider.name,
+            "cooldown_s": self.cni.pool.cooldown,
+            "owners": owners,
+        }
+        if self.refiller is not None:
+            out["refiller"] = attrs.asdict(self.refiller.status())
+            out["targets"] = attrs.asdict(self.refiller.targets)
+        return out
 
     async def _events(self, replay: bool) -> AsyncIterator[dict[str, Any]]:
         async with self.cni.events.subscribe(replay=replay) as events:

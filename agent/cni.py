@@ -9,7 +9,7 @@ Theory of operation:
   runtime will DEL it after the failed ADD, or ADD it again). A failed ADD undoes itself —
   links, address, record — before answering.
 - DEL removes the host route and rules, starts the address's cooldown and records that, then
-  answers; the veth itself is deleted by a background task (deleting a veth waits 16–24 ms in
+  answers; the veth itself is deleted by a background task (deleting a veth waits 16-24 ms in
   the kernel). An ADD whose host veth name is still being deleted waits for that deletion.
 - DEL is idempotent and succeeds when the allocation or the netns is already gone.
 """
@@ -182,8 +182,11 @@ class CniService:
             try:
                 await self.datapath.delete_links(batch)
             except Exception as e:  # never fatal: what is left is collected by GC later
-                log.error("veth deletion failed", exc_info=not isinstance(e, NetlinkError),
-                          extra={"veths": len(batch), "error": str(e)})
+                log.error(
+                    "veth deletion failed",
+                    exc_info=not isinstance(e, NetlinkError),
+                    extra={"veths": len(batch), "error": str(e)},
+                )
             finally:
                 for n in batch:
                     done = self._deleting.pop(n, None)
@@ -264,7 +267,10 @@ class CniService:
             mtu=mtu,
         )
         self.events.publish(
-            "pod.added", key=str(key), ip=str(alloc.ip), owner=alloc.owner,
+            "pod.added",
+            key=str(key),
+            ip=str(alloc.ip),
+            owner=alloc.owner,
             pod=f"{alloc.pod_namespace}/{alloc.pod_name}" if alloc.pod_name else "",
         )
         return render_add_result(req.conf.cni_version, out, req.conf.dns)
@@ -323,7 +329,9 @@ class CniService:
         self.pool.release(alloc.ip, self.clock())
         await self.checkpoint.commit()
         self._schedule_delete(alloc.host_veth)
-        self.events.publish("pod.deleted", key=str(key), ip=str(alloc.ip), cooldown_s=self.pool.cooldown)
+        self.events.publish(
+            "pod.deleted", key=str(key), ip=str(alloc.ip), cooldown_s=self.pool.cooldown
+        )
         return alloc
 
     async def check(self, req: CniRequest) -> None:

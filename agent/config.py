@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import attrs
 
+from agent.pool_math import PoolConfigError, PoolTargets
+
 DEFAULT_PATH = Path("/etc/podwire/agent.toml")
 
 
@@ -98,6 +100,52 @@ class SnatSection:
 
 
 @attrs.frozen(kw_only=True)
+class AwsSection:
+    # Where the node learns about itself and reaches EC2 ("" = the SDK's default endpoint and
+    # the region of the node's availability zone). Credentials come from the SDK's usual chain.
+    imds_url: str = "http://169.254.169.254"
+    ec2_endpoint: str = ""
+    region: str = ""
+    cluster_name: str = ""
+    subnet_id: str = ""  # new ENIs' subnet; "" = the primary ENI's
+    security_groups: tuple[str, ...] = ()  # new ENIs' groups; () = the primary ENI's
+    # The warm pool (Amazon VPC CNI's knobs; 0 = unset)
+    warm_eni_target: int = 1
+    warm_ip_target: int = 0
+    minimum_ip_target: int = 0
+    warm_prefix_target: int = 1
+    prefix_delegation: bool = False
+    max_eni: int = 0
+    # EC2 calls: a token bucket, then jittered exponential backoff on throttling and 5xx
+    ec2_rate: float = 10.0
+    ec2_burst: int = 20
+    retry_base: float = 0.1
+    retry_cap: float = 5.0
+    retry_attempts: int = 6
+    call_timeout: float = 10.0
+    call_deadline: float = 60.0
+    # The refiller and the ENI workflows
+    refill_interval: float = 5.0
+    min_eni_age: float = 60.0
+    release_interval: float = 30.0
+    exhaustion_pause: float = 120.0
+    link_timeout: float = 60.0
+    leak_cleanup: bool = True
+    leak_grace: float = 300.0
+    leak_interval: float = 3600.0
+
+
+@attrs.frozen(kw_only=True)
+class GcSection:
+    # Garbage collection: looks every interval, and at once when a pod's host veth vanishes.
+    interval: float = 60.0
+    missing_grace: float = 10.0  # a pod whose netns or veth is gone, before its IP is released
+    orphan_grace: float = 60.0  # a netns no process holds, before it is torn down; 0 = never
+    own_netns_mounts: bool = False  # also unmount such namespaces (only when the agent owns them)
+    netns_dirs: tuple[str, ...] = ("/run/netns",)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     agent: AgentSection = AgentSection()
     provider: ProviderSection = ProviderSection()
@@ -106,6 +154,8 @@ class Config:
     health: HealthSection = HealthSection()
     cni: CniSection = CniSection()
     snat: SnatSection = SnatSection()
+    aws: AwsSection = AwsSection()
+    gc: GcSection = GcSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -127,6 +177,8 @@ SECTIONS: dict[str, type[Any]] = {
     "health": HealthSection,
     "cni": CniSection,
     "snat": SnatSection,
+    "aws": AwsSection,
+    "gc": GcSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
@@ -136,6 +188,13 @@ VPC_CNI_ALIASES: dict[str, str] = {
     "AWS_VPC_K8S_CNI_EXTERNALSNAT": "snat.external",
     "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": "snat.exclude_cidrs",
     "AWS_VPC_K8S_CNI_RANDOMIZESNAT": "snat.mode",
+    "WARM_ENI_TARGET": "aws.warm_eni_target",
+    "WARM_IP_TARGET": "aws.warm_ip_target",
+    "MINIMUM_IP_TARGET": "aws.minimum_ip_target",
+    "WARM_PREFIX_TARGET": "aws.warm_prefix_target",
+    "ENABLE_PREFIX_DELEGATION": "aws.prefix_delegation",
+    "MAX_ENI": "aws.max_eni",
+    "CLUSTER_NAME": "aws.cluster_name",
 }
 
 
@@ -228,8 +287,35 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
     return cfg
 
 
+def pool_targets(cfg: Config) -> PoolTargets:
+    """The warm-pool targets of the ``[aws]`` section; raises ConfigError naming the setting."""
+    aws = cfg.aws
+    names = {
+        "WARM_ENI_TARGET": "warm_eni_target",
+        "WARM_IP_TARGET": "warm_ip_target",
+        "MINIMUM_IP_TARGET": "minimum_ip_target",
+        "WARM_PREFIX_TARGET": "warm_prefix_target",
+        "MAX_ENI": "max_eni",
+        "ENABLE_PREFIX_DELEGATION": "prefix_delegation",
+    }
+    try:
+        return PoolTargets(
+            warm_eni=aws.warm_eni_target,
+            warm_ip=aws.warm_ip_target,
+            minimum_ip=aws.minimum_ip_target,
+            warm_prefix=aws.warm_prefix_target,
+            max_eni=aws.max_eni or None,
+            prefix_mode=aws.prefix_delegation,
+        )
+    except PoolConfigError as e:
+        setting = names.get(e.setting, e.setting)
+        raise ConfigError(f"aws.{setting}", f"{e.value!r}: {e.problem}") from None
+
+
 def _check(cfg: Config) -> None:
     a = cfg.agent
+    if cfg.provider.kind == "aws":
+        pool_targets(cfg)
     if a.request_timeout <= 0:
         raise ConfigError("agent.request_timeout", "must be positive")
     if a.mtu and not 576 <= a.mtu <= 65535:

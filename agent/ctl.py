@@ -49,11 +49,13 @@ def _age(seconds: float | None) -> str:
 def show_status(st: dict[str, Any]) -> str:
     pool = st["pool"]
     lines = [
-        f"Agent:      pid {st['pid']}, up {_age(st['uptime_s'])}, {'ready' if st['ready'] else 'NOT READY'}",
+        f"Agent:      pid {st['pid']}, up {_age(st['uptime_s'])}, "
+        f"{'ready' if st['ready'] else 'NOT READY'}",
         f"Provider:   {st['provider']}",
         f"Socket:     {st['socket']}",
         f"Pods:       {st['pods']}",
-        f"Pool:       {pool['total']} total, {pool['assigned']} assigned, {pool['cooling']} cooling, "
+        f"Pool:       {pool['total']} total, {pool['assigned']} assigned, "
+        f"{pool['cooling']} cooling, "
         f"{pool['available']} available (cooldown {pool['cooldown_s']:g}s)",
         f"Checkpoint: {st['checkpoint']['path']} ({st['checkpoint']['writes']} writes)",
         f"SNAT:       {show_snat_line(st.get('snat', {}))}",
@@ -87,12 +89,70 @@ def show_pods(pods: list[dict[str, Any]]) -> str:
 
 def show_pool(pool: dict[str, Any]) -> str:
     rows = [
-        (o["owner"], "main" if o["table"] is None else o["table"], o["total"], o["assigned"],
-         o["cooling"], o["free"])
+        (
+            o["owner"],
+            "main" if o["table"] is None else o["table"],
+            o["total"],
+            o["assigned"],
+            o["cooling"],
+            o["free"],
+        )
         for o in pool["owners"]
     ]
     head = f"provider {pool['provider']}, cooldown {pool['cooldown_s']:g}s\n"
-    return head + table(rows, ("eni/cidr", "table", "total", "assigned", "cooling", "free"))
+    tail = ""
+    if "targets" in pool:
+        t, r = pool["targets"], pool["refiller"]
+        tail = (
+            f"\ntargets: warm_eni={t['warm_eni']} warm_ip={t['warm_ip']} "
+            f"minimum_ip={t['minimum_ip']} "
+            f"warm_prefix={t['warm_prefix']} max_eni={t['max_eni']} prefix_mode={t['prefix_mode']}"
+            f"\nrefiller: {r['ticks']} ticks, last plan: {r['last_plan'] or '-'}"
+            + (f", fallback to /32 ({r['fallback']['code']})" if r["fallback"] else "")
+            + (f", last error: {r['last_error']}" if r["last_error"] else "")
+        )
+    return head + table(rows, ("eni/cidr", "table", "total", "assigned", "cooling", "free")) + tail
+
+
+def show_gc(r: dict[str, Any]) -> str:
+    head = ("would collect" if r["dry_run"] else "collected") + (
+        f" {r['collected']}: {r['released']} allocations, {r['veths']} veths, {r['rules']} rules, "
+        f"{r['unmounted']} namespaces; {r['skipped_busy']} busy skipped"
+    )
+    return "\n".join(
+        [head, *(f"  {line}" for line in r["lines"]), *(f"  error: {e}" for e in r["errors"])]
+    )
+
+
+def show_enis(enis: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            e["eni"],
+            e["device"],
+            "main" if e["table"] is None else e["table"],
+            e["subnet"],
+            e["primary_ip"],
+            len(e["ips"]),
+            len(e["prefixes"]),
+            "yes" if e["primary"] else "",
+            "yes" if e["no_manage"] else "",
+        )
+        for e in enis
+    ]
+    return table(
+        rows,
+        (
+            "eni",
+            "device",
+            "table",
+            "subnet",
+            "primary ip",
+            "ips",
+            "prefixes",
+            "primary",
+            "no-manage",
+        ),
+    )
 
 
 def show_config(rows: list[dict[str, Any]]) -> str:
@@ -128,6 +188,8 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "status": ("agent.status", lambda a: None, show_status),
     "pods": ("agent.pods", lambda a: None, show_pods),
     "pool": ("agent.pool", lambda a: None, show_pool),
+    "enis": ("agent.enis", lambda a: None, show_enis),
+    "gc": ("agent.gc", lambda a: {"dry_run": a.dry_run}, show_gc),
     "config": ("agent.config", lambda a: None, show_config),
     "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
     "health": ("agent.health", lambda a: None, show_health),
@@ -139,8 +201,9 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
 def parser() -> argparse.ArgumentParser:
     # --json is accepted before or after the command; the copy on the commands must not reset it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON for scripts")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
     p = argparse.ArgumentParser(prog="agentctl", description="Inspect the local podwire-agent.")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--socket", default=os.environ.get("PODWIRE_SOCKET", "/run/podwire/agent.sock"))
@@ -148,13 +211,23 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="agent, provider, pool and checkpoint summary")
     sub.add_parser("pods", parents=[common], help="pods wired on this node")
-    sub.add_parser("pool", parents=[common], help="addresses per ENI or CIDR")
-    sub.add_parser("config", parents=[common], help="effective configuration and where each value came from")
-    h = sub.add_parser("health", parents=[common],
-                       help="liveness and readiness; exit 0 when ready (or alive with --live)")
+    sub.add_parser("pool", parents=[common], help="addresses per ENI or CIDR, targets, refiller")
+    sub.add_parser("enis", parents=[common], help="this node's ENIs (aws provider)")
+    g = sub.add_parser("gc", parents=[common], help="collect leaked pods, veths and rules now")
+    g.add_argument("--dry-run", action="store_true", help="only show what would be collected")
+    sub.add_parser(
+        "config", parents=[common], help="effective configuration and where each value came from"
+    )
+    h = sub.add_parser(
+        "health",
+        parents=[common],
+        help="liveness and readiness; exit 0 when ready (or alive with --live)",
+    )
     h.add_argument("--live", action="store_true", help="only liveness (for a liveness exec probe)")
     sub.add_parser("metrics", parents=[common], help="Prometheus metrics text")
-    sn = sub.add_parser("snat", parents=[common], help="SNAT backend and state; switch external SNAT")
+    sn = sub.add_parser(
+        "snat", parents=[common], help="SNAT backend and state; switch external SNAT"
+    )
     sn.add_argument("--external", choices=("on", "off"), help="switch external SNAT at run time")
     ev = sub.add_parser("events", parents=[common], help="what the agent did recently")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")

@@ -1,31 +1,36 @@
 """podwire-agent: one task group owning every long-lived service of the node.
 
-Start order: the health endpoint first (so probes answer during a long restore), then restore
-state (checkpoint matched against the provider's inventory and the kernel), replay spooled
-DELs, and only then serve the socket — a request never sees a half-restored pool. Readiness
-(state restored, provider reachable, pool able to serve) gates writing the CNI conflist, so the
-node is not reported network-ready before pods can get an address. SIGTERM/SIGINT cancel the
-group; nothing the pods depend on is removed on the way out (pods keep working while the
-agent restarts).
+Start order: the health endpoint first (so probes answer during a long restore), the veth
+deleter and the netlink watcher, then restore state (the provider's inventory — IMDS and EC2
+for aws, never the disk — matched against the checkpoint and the kernel), the pool refiller,
+spooled DELs, SNAT and GC, and only then the socket: a request never sees a half-restored
+pool. Readiness (state restored, provider reachable, pool able to serve) gates writing the CNI
+conflist, so the node is not reported network-ready before pods can get an address.
+SIGTERM/SIGINT cancel the group; nothing the pods depend on is removed on the way out (pods
+keep working while the agent restarts).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 
 from agent import checkpoint as ckpt
-from agent import install, notify, spool
+from agent import install, notify, refiller, spool
 from agent.api import MUTATING, AgentApi
 from agent.cni import CniService
-from agent.config import Config
+from agent.config import Config, pool_targets
 from agent.datapath import ThreadedDatapath
 from agent.events import EventBus
+from agent.gc import GcPolicy, GcService, KernelGc
 from agent.health import (
     POOL_CAN_SERVE,
     PROVIDER_REACHABLE,
@@ -37,19 +42,59 @@ from agent.health import (
 )
 from agent.ipam import IpPool
 from agent.metrics import Metrics
+from agent.pool_math import InstanceLimits, max_pods
 from agent.snat_service import SnatService, pool_cidrs
 from cloud.provider import Provider
 from cloud.static import StaticProvider
 from netlink.veth import Datapath
+from netlink.watcher import Watcher
 from rpc.server import ServerStats, serve
 
 log = logging.getLogger("podwire.agent")
 
 
-def build_provider(cfg: Config) -> Provider:
+async def open_provider(
+    cfg: Config, stack: AsyncExitStack, watcher: Watcher, metrics: Metrics
+) -> Provider:
+    """The configured provider; an aws provider's clients live as long as ``stack``."""
     if cfg.provider.kind == "static":
         return StaticProvider(cfg.static.cidrs, cfg.static.reserved)
-    raise NotImplementedError(f"provider {cfg.provider.kind!r} is not available yet")
+    from cloud.aws.ec2 import RetryPolicy, open_ec2
+    from cloud.aws.imds import Imds
+    from cloud.aws.provider import AwsProvider, AwsSettings, NetlinkEniLinks
+
+    aws = cfg.aws
+    imds = await stack.enter_async_context(Imds(aws.imds_url))
+    region = aws.region or (await imds.instance()).availability_zone[:-1]
+    policy = RetryPolicy(
+        base=aws.retry_base,
+        cap=aws.retry_cap,
+        max_attempts=aws.retry_attempts,
+        attempt_timeout=aws.call_timeout,
+        deadline=aws.call_deadline,
+    )
+    ec2 = await stack.enter_async_context(
+        open_ec2(
+            region=region,
+            endpoint_url=aws.ec2_endpoint or None,
+            policy=policy,
+            rate=aws.ec2_rate,
+            burst=aws.ec2_burst,
+            on_call=metrics.ec2_call,
+        )
+    )
+    settings = AwsSettings(
+        cluster_name=aws.cluster_name or None,
+        mtu=cfg.mtu,
+        subnet_id=aws.subnet_id or None,
+        security_groups=aws.security_groups,
+        link_timeout=aws.link_timeout,
+        leak_grace=aws.leak_grace,
+        leak_interval=aws.leak_interval,
+    )
+    return AwsProvider(
+        imds=imds, ec2=ec2, link_waiter=watcher, links=NetlinkEniLinks(None), settings=settings
+    )
 
 
 def enable_forwarding() -> None:
@@ -66,82 +111,199 @@ async def _stop_on_signals(scope: anyio.CancelScope) -> None:
             return
 
 
-def _notify(send: object, *args: str) -> None:
+def _notify(send: Callable[..., bool], *args: str) -> None:
     try:
-        send(*args)  # type: ignore[operator]
+        send(*args)
     except notify.NotifyError as e:
         log.warning("sd_notify failed", extra={"error": str(e)})
 
 
-async def run(cfg: Config, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+async def _start_aws_services(
+    cfg: Config,
+    tg: anyio.abc.TaskGroup,
+    health: Health,
+    cni: CniService,
+    provider: Any,
+    on_pool_change: Callable[[], None],
+) -> Any:
+    """The fwmark rule, the refiller and the leaked-ENI cleanup; returns the refiller."""
+    from netlink import eni
+
+    await eni.ensure_fwmark_rule(None)
+    targets = pool_targets(cfg)
+    limits = InstanceLimits(max_enis=provider.max_enis, ipv4_per_eni=provider.ipv4_per_eni)
+
+    def take_demand() -> anyio.Event:
+        # ADDs set cni.demand when they wait for an address; the refiller consumes it
+        event = cni.demand
+        if event.is_set():
+            cni.demand = anyio.Event()
+        return event
+
+    aws = cfg.aws
+    pool_refiller = await tg.start(
+        health.run,
+        "refiller",
+        partial(
+            refiller.serve,
+            cni.pool,
+            provider,
+            targets,
+            limits,
+            cni_notify=on_pool_change,
+            demand=take_demand,
+            interval=aws.refill_interval,
+            min_eni_age=aws.min_eni_age,
+            release_interval=aws.release_interval,
+            exhaustion_pause=aws.exhaustion_pause,
+            pod_limit=max_pods(limits, prefix_mode=targets.prefix_mode, max_eni=targets.max_eni),
+        ),
+    )
+    if aws.leak_cleanup:
+        await tg.start(health.run, "eni-leak-cleanup", provider.serve_leak_cleanup)
+    return pool_refiller
+
+
+async def run(
+    cfg: Config, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     """Run the agent until cancelled or signalled."""
     Path(cfg.agent.state_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
     if cfg.agent.ip_forward:
         enable_forwarding()
     datapath = Datapath()
-    provider = build_provider(cfg)
-    events = EventBus()
-    cni = CniService(
-        pool=IpPool(cooldown=cfg.ipam.cooldown),
-        datapath=ThreadedDatapath(datapath),
-        provider=provider,
-        checkpoint_path=cfg.state_path,
-        mtu=cfg.mtu,
-        add_wait=cfg.agent.add_wait,
-        events=events,
-    )
-    health, metrics, stats = Health(), Metrics(), ServerStats()
-    metrics.watch_pool(cni.pool, cni.clock)
-    metrics.watch_rpc(stats)
-    metrics.watch_allocations(lambda: len(cni.allocations))
-    metrics.watch_health(health)
-    health.add_check(POOL_CAN_SERVE, lambda: pool_readiness(cni.pool, cni.clock()))
+    events, health, metrics, stats = EventBus(), Health(), Metrics(), ServerStats()
+    watcher = Watcher()
     snapshot = ckpt.load(cfg.state_path)
     try:
-        async with anyio.create_task_group() as tg:
+        async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, tg.cancel_scope)
             port = await tg.start(
-                health.run, "health-http",
-                partial(serve_http, health, cfg.health.address, cfg.health.port, metrics_text=metrics.text),
+                health.run,
+                "health-http",
+                partial(
+                    serve_http,
+                    health,
+                    cfg.health.address,
+                    cfg.health.port,
+                    metrics_text=metrics.text,
+                ),
             )
             await tg.start(notify.serve_watchdog, health)
-            await tg.start(health.run, "veth-deleter", cni.run)
+            await tg.start(health.run, "netlink-watcher", watcher.serve)
             try:
+                provider = await open_provider(cfg, stack, watcher, metrics)
+                cni = CniService(
+                    pool=IpPool(cooldown=cfg.ipam.cooldown),
+                    datapath=ThreadedDatapath(datapath),
+                    provider=provider,
+                    checkpoint_path=cfg.state_path,
+                    mtu=cfg.mtu,
+                    add_wait=cfg.agent.add_wait,
+                    events=events,
+                )
+                await tg.start(health.run, "veth-deleter", cni.run)
                 dropped = await cni.restore(snapshot)
             except Exception as e:
                 health.set_ready(PROVIDER_REACHABLE, False, f"{type(e).__name__}: {e}")
                 raise
             health.set_ready(PROVIDER_REACHABLE, True, provider.name)
-            health.set_ready(STATE_RESTORED, True, f"{len(cni.allocations)} allocations, {len(dropped)} dropped")
-            replayed, kept = await spool.replay(Path(cfg.agent.spool_dir), cni.delete)
-            snat = SnatService(
-                cfg.snat, facts=provider.facts, metrics=metrics, events=events,
-                pod_cidrs=lambda: pool_cidrs(cni.pool, provider.facts().pod_cidrs),
+            health.set_ready(
+                STATE_RESTORED, True, f"{len(cni.allocations)} allocations, {len(dropped)} dropped"
             )
+            metrics.watch_pool(cni.pool, cni.clock)
+            metrics.watch_rpc(stats)
+            metrics.watch_allocations(lambda: len(cni.allocations))
+            metrics.watch_health(health)
+            health.add_check(POOL_CAN_SERVE, lambda: pool_readiness(cni.pool, cni.clock()))
+
+            snat = SnatService(
+                cfg.snat,
+                facts=provider.facts,
+                metrics=metrics,
+                events=events,
+                pod_cidrs=lambda: pool_cidrs(
+                    cni.pool, provider.facts().pod_cidrs if provider.name == "static" else ()
+                ),
+            )
+
+            def pool_changed() -> None:
+                cni.notify_pool_changed()
+                snat.changed()
+
+            pool_refiller = None
+            if provider.name == "aws":
+                pool_refiller = await _start_aws_services(
+                    cfg, tg, health, cni, provider, pool_changed
+                )
+            replayed, kept = await spool.replay(Path(cfg.agent.spool_dir), cni.delete)
             if cfg.snat.enabled and (provider.facts().vpc_cidrs or cfg.snat.vpc_cidrs):
                 await tg.start(health.run, "snat", snat.serve)
             else:
                 log.warning("SNAT off: enable it and give snat.vpc_cidrs (static provider)")
-            api = AgentApi(cni, cfg, health=health, metrics=metrics, snat=snat)
+            g = cfg.gc
+            gc = GcService(
+                cni,
+                KernelGc(cni.datapath, watcher.dump_rules),
+                policy=GcPolicy(
+                    missing_grace=g.missing_grace,
+                    orphan_grace=g.orphan_grace or None,
+                    own_netns_mounts=g.own_netns_mounts,
+                    netns_dirs=g.netns_dirs,
+                ),
+                interval=g.interval,
+                spool_dir=Path(cfg.agent.spool_dir),
+            )
+            watcher.add_callback(gc.on_watch)
+            await tg.start(health.run, "gc", gc.serve)
+            api = AgentApi(
+                cni,
+                cfg,
+                health=health,
+                metrics=metrics,
+                snat=snat,
+                gc=gc,
+                provider=provider,
+                refiller=pool_refiller,
+            )
             await tg.start(
-                health.run, "rpc",
+                health.run,
+                "rpc",
                 partial(
-                    serve, cfg.agent.socket, api, mutating=MUTATING, deadline=cfg.agent.request_timeout,
-                    socket_gid=_group_id(cfg.agent.socket_group), stats=stats,
+                    serve,
+                    cfg.agent.socket,
+                    api,
+                    mutating=MUTATING,
+                    deadline=cfg.agent.request_timeout,
+                    socket_gid=_group_id(cfg.agent.socket_group),
+                    stats=stats,
                 ),
             )
             if cfg.cni.install:
                 await tg.start(
-                    install_when_ready, health,
-                    partial(install.install, bin_dir=Path(cfg.cni.bin_dir), conf_dir=Path(cfg.cni.conf_dir),
-                            socket=cfg.agent.socket, spool_dir=cfg.agent.spool_dir, chain=list(cfg.cni.chain)),
+                    install_when_ready,
+                    health,
+                    partial(
+                        install.install,
+                        bin_dir=Path(cfg.cni.bin_dir),
+                        conf_dir=Path(cfg.cni.conf_dir),
+                        socket=cfg.agent.socket,
+                        spool_dir=cfg.agent.spool_dir,
+                        chain=list(cfg.cni.chain),
+                    ),
                 )
             log.info(
                 "ready",
-                extra={"provider": provider.name, "allocations": len(cni.allocations),
-                       "dropped": len(dropped), "spool_replayed": replayed, "spool_kept": kept,
-                       "pool": repr(cni.pool), "socket": cfg.agent.socket,
-                       "health": f"http://{cfg.health.address}:{port}"},
+                extra={
+                    "provider": provider.name,
+                    "allocations": len(cni.allocations),
+                    "dropped": len(dropped),
+                    "spool_replayed": replayed,
+                    "spool_kept": kept,
+                    "pool": repr(cni.pool),
+                    "socket": cfg.agent.socket,
+                    "health": f"http://{cfg.health.address}:{port}",
+                },
             )
             _notify(notify.ready, f"serving {len(cni.allocations)} pods")
             task_status.started()

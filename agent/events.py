@@ -26,7 +26,10 @@ class EventBus:
         self.dropped = 0
 
     def __repr__(self) -> str:
-        return f"<EventBus subscribers={len(self._subscribers)} published={self.published} dropped={self.dropped}>"
+        return (
+            f"<EventBus subscribers={len(self._subscribers)} published={self.published} "
+            f"dropped={self.dropped}>"
+        )
 
     def publish(self, kind: str, **fields: Any) -> None:
         """Record an event and hand it to every subscriber without waiting."""
@@ -45,7 +48,9 @@ class EventBus:
         return list(self._history)
 
     @asynccontextmanager
-    async def subscribe(self, *, replay: bool = False) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def subscribe(
+        self, *, replay: bool = False
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Yield an iterator of events published from now on (after recent ones if ``replay``)."""
         send, recv = anyio.create_memory_object_stream[dict[str, Any]](self._buffer)
         if replay:

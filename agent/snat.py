@@ -318,6 +318,11 @@ def _our_chains(spec: SnatSpec) -> list[tuple[str, str, str, list[tuple[str, str
     ]
 
 
+def _add_chain(table: str, name: str, kind: str, prio: str) -> str:
+    # our chains are named after their hooks
+    return f"add chain {table} {name} {{ type {kind} hook {name} priority {prio}; policy accept; }}"
+
+
 def render_nft(spec: SnatSpec, present: NftTableState | None = None) -> str:
     """Return an nft script that makes ``table ip podwire`` hold ``spec``'s state, in one
     transaction that touches no other table.
@@ -334,10 +339,7 @@ def render_nft(spec: SnatSpec, present: NftTableState | None = None) -> str:
     want = expected_nft_state(spec)
     out = ["# podwire SNAT state: generated, applied as one transaction", f"add table {t}"]
     for name, kind, prio, _ in chains:
-        out += [
-            f"add chain {t} {name} {{ type {kind} hook {name} priority {prio}; policy accept; }}",
-            f"flush chain {t} {name}",
-        ]
+        out += [_add_chain(t, name, kind, prio), f"flush chain {t} {name}"]
     if present is not None:
         keep_chains = {c.name: c for c in want.chains}
         for c in present.chains:
@@ -345,7 +347,7 @@ def render_nft(spec: SnatSpec, present: NftTableState | None = None) -> str:
                 out.append(f"delete chain {t} {c.name}")
                 if c.name in keep_chains:
                     name, kind, prio, _ = next(x for x in chains if x[0] == c.name)
-                    out.append(f"add chain {t} {name} {{ type {kind} hook {name} priority {prio}; policy accept; }}")
+                    out.append(_add_chain(t, name, kind, prio))
         keep_sets = {(s.name, s.type, s.flags) for s in want.sets}
         for st in present.sets:
             if (st.name, st.type, st.flags) not in keep_sets:

@@ -64,19 +64,30 @@ def interface_ipv4(name: str) -> IPv4Address | None:
     return IPv4Address(raw[20:24])
 
 
-def desired_spec(cfg: SnatSection, facts: NodeFacts, pod_cidrs: tuple[IPv4Network, ...],
-                 *, external: bool) -> SnatSpec:
+def desired_spec(
+    cfg: SnatSection, facts: NodeFacts, pod_cidrs: tuple[IPv4Network, ...], *, external: bool
+) -> SnatSpec:
     """The SNAT state this node should have; raises SnatUnconfigured when facts are missing."""
     vpc = facts.vpc_cidrs or cfg.vpc_cidrs
     if not vpc:
         raise SnatUnconfigured("the VPC CIDRs (snat.vpc_cidrs with the static provider)")
-    node_ip = IPv4Address(cfg.node_ip) if cfg.node_ip else facts.primary_ip or interface_ipv4(cfg.primary_interface)
+    node_ip = (
+        IPv4Address(cfg.node_ip)
+        if cfg.node_ip
+        else facts.primary_ip or interface_ipv4(cfg.primary_interface)
+    )
     if node_ip is None:
-        raise SnatUnconfigured(f"the node's address (snat.node_ip, or an address on {cfg.primary_interface})")
+        raise SnatUnconfigured(
+            f"the node's address (snat.node_ip, or an address on {cfg.primary_interface})"
+        )
     return SnatSpec(
-        pod_cidrs=pod_cidrs, vpc_cidrs=vpc, excluded_cidrs=cfg.exclude_cidrs, node_ip=node_ip,
+        pod_cidrs=pod_cidrs,
+        vpc_cidrs=vpc,
+        excluded_cidrs=cfg.exclude_cidrs,
+        node_ip=node_ip,
         mode=mode_from_vpc_cni(cfg.mode) if cfg.mode == "prng" else cfg.mode,
-        external_snat=external, primary_iface=cfg.primary_interface,
+        external_snat=external,
+        primary_iface=cfg.primary_interface,
     )
 
 
@@ -88,9 +99,15 @@ def pool_cidrs(pool: IpPool, static_cidrs: tuple[IPv4Network, ...]) -> tuple[IPv
 
 
 class SnatService:
-    def __init__(self, cfg: SnatSection, *, facts: Callable[[], NodeFacts],
-                 pod_cidrs: Callable[[], tuple[IPv4Network, ...]],
-                 metrics: Metrics | None = None, events: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SnatSection,
+        *,
+        facts: Callable[[], NodeFacts],
+        pod_cidrs: Callable[[], tuple[IPv4Network, ...]],
+        metrics: Metrics | None = None,
+        events: EventBus | None = None,
+    ) -> None:
         self.cfg = cfg
         self.external = cfg.external
         self._facts = facts
@@ -146,8 +163,10 @@ class SnatService:
                 await self._run(self.backend.apply, want)
                 self.repairs += 1
                 result = "repaired"
-                log.warning("SNAT ruleset differed from the desired state; put back",
-                            extra={"backend": self.backend.kind})
+                log.warning(
+                    "SNAT ruleset differed from the desired state; put back",
+                    extra={"backend": self.backend.kind},
+                )
                 self.events.publish("snat.repaired", backend=self.backend.kind)
             self.last_error = ""
         except Exception as e:
@@ -160,8 +179,11 @@ class SnatService:
 
     async def _watch_nftables(self) -> None:
         """Wake a verification on every nftables change in this namespace."""
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                             NETLINK_NETFILTER)
+        sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
         try:
             sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
             while True:
@@ -178,7 +200,9 @@ class SnatService:
         finally:
             sock.close()
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Apply the desired state, then keep it true until cancelled. Reports the backend."""
         self.backend = await self._run(choose_backend, self.cfg.backend)
         await self._reconcile(verify=True)

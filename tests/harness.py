@@ -95,7 +95,10 @@ class Node:
             "[ipam]\n"
             f"cooldown = {cooldown}\n"
             "[health]\n"
-            "port = 0\n" + extra_config
+            "port = 0\n"
+            # test pods are bare namespaces no process holds: never tear them down for that
+            "[gc]\n"
+            "orphan_grace = 0\n" + extra_config
         )
         subprocess.run(
             [str(VENV_BIN / "podwire-agent"), "install-cni", "--bin-dir", str(self.bin_dir),
