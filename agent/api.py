@@ -202,6 +202,7 @@ class AgentApi:
                 "path": str(self.cni.checkpoint.path),
                 "writes": self.cni.checkpoint.writes,
             },
+            "snat": self.snat.status() if self.snat else {"enabled": False},
         }
 
     def pool(self) -> dict[str, Any]:

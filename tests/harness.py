@@ -61,6 +61,8 @@ class Node:
         tag: str = "node",
         netns: str | None = None,
         primary_ip: str = "10.76.0.10",
+        aws: dict[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """A node in a namespace of its own, or in ``netns`` made by someone else (the
         emulator's nodes, which already have an uplink with ``primary_ip``)."""
@@ -89,9 +91,12 @@ class Node:
             "mtu = 1500\n"
             'log_format = "json"\n'
             "[provider]\n"
-            'kind = "static"\n'
-            "[static]\n"
-            f"cidrs = {json.dumps(list(cidrs))}\n"
+            + (
+                'kind = "aws"\n[aws]\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in aws.items())
+                if aws is not None
+                else f'kind = "static"\n[static]\ncidrs = {json.dumps(list(cidrs))}\n'
+            )
+            +
             "[ipam]\n"
             f"cooldown = {cooldown}\n"
             "[health]\n"
@@ -109,6 +114,7 @@ class Node:
         for name in chain:
             (self.bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
         self.conflist = json.loads((self.conf_dir / "10-podwire.conflist").read_text())
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.pods: list[Netns] = []
 
@@ -119,7 +125,7 @@ class Node:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = self.netns.popen(
             [str(VENV_BIN / "podwire-agent"), "run", "--config", str(self.config_path)],
-            stdout=log, stderr=log,
+            stdout=log, stderr=log, env=self.env,
         )
         log.close()
         deadline = time.monotonic() + timeout
