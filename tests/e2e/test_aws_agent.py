@@ -1,0 +1,297 @@
+"""The agent with the aws provider, as a process on emulated nodes: the warm pool grows and
+shrinks through real EC2 calls, ENIs appear as real links, pods' packets cross the VPC fabric."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from cloud.emulator import Vpc
+from cloud.emulator.api import Node as VpcNode
+from cloud.emulator.api import Subnet
+from tests.harness import CniResult, Node, ping
+from tests.netns import Netns
+
+pytestmark = pytest.mark.root
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+TAG_INSTANCE = "node.k8s.amazonaws.com/instance_id"
+FAST = {
+    "retry_base": 0.02,
+    "retry_cap": 0.2,
+    "min_eni_age": 1.0,
+    "release_interval": 1.0,
+    "refill_interval": 0.5,
+    "leak_grace": 1.0,
+    "leak_interval": 1.0,
+}
+
+
+def agent_on(vpc: Vpc, vnode: VpcNode, tag: str, **aws: Any) -> Node:
+    settings = {
+        "imds_url": vnode.imds_url,
+        "ec2_endpoint": vnode.ec2_url,
+        "region": vpc.region,
+        **FAST,
+        **aws,
+    }
+    node = Node(
+        netns=vnode.netns,
+        primary_ip=vnode.primary_ip,
+        aws=settings,
+        env=CREDS,
+        cooldown=1.0,
+        tag=tag,
+    )
+    node.start()
+    return node
+
+
+def until(fn: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if ok(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def add_retrying(node: Node, pod: Netns, timeout: float = 60.0) -> CniResult:
+    """ADD as kubelet does: code 11 means try again later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = node.add(pod)
+        if r.code == 0 or r.doc["code"] != 11 or time.monotonic() > deadline:
+            return r
+        time.sleep(0.2)
+
+
+def enis(node: Node) -> list[dict[str, Any]]:
+    return list(node.call("agent.enis"))
+
+
+def our_enis_in_cloud(vpc: Vpc, vnode: VpcNode) -> list[Any]:
+    import boto3
+
+    ec2 = boto3.client("ec2", **vpc.client_kwargs())
+    found = ec2.describe_network_interfaces(
+        Filters=[{"Name": f"tag:{TAG_INSTANCE}", "Values": [vnode.instance_id]}]
+    )
+    return list(found["NetworkInterfaces"])
+
+
+def tx_packets(node: Node, link: str) -> int:
+    return int(node.netns.run("cat", f"/sys/class/net/{link}/statistics/tx_packets").stdout)
+
+
+@pytest.fixture
+def vpc() -> Iterator[Vpc]:
+    with Vpc.start("10.0.0.0/16") as running:
+        yield running
+
+
+def two_nodes(
+    vpc: Vpc, instance_type: str, subnet: Subnet, **aws: Any
+) -> tuple[Node, Node, VpcNode]:
+    va, vb = vpc.add_node(instance_type, subnet), vpc.add_node("m5.large", subnet)
+    return agent_on(vpc, va, "awsa", **aws), agent_on(vpc, vb, "awsb"), va
+
+
+def test_scale_0_30_0_enis_follow_the_targets_and_traffic_leaves_by_the_owning_eni(
+    vpc: Vpc,
+) -> None:
+    subnet = vpc.add_subnet("10.0.0.0/20")
+    a, b, va = two_nodes(vpc, "m5.xlarge", subnet)  # 4 ENIs x 15 IPs: 14 usable per ENI
+    try:
+        peer = b.new_pod("peer")
+        peer_ip = add_retrying(b, peer).ip
+        pods = [a.new_pod("sc") for _ in range(30)]
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda p: add_retrying(a, p), pods))
+        assert all(r.code == 0 for r in results), [r for r in results if r.code]
+        ips = {r.ip for r in results}
+        assert len(ips) == 30
+        # WARM_ENI_TARGET=1 with 30 pods: 30 assigned + 14 spare needs 44 -> 4 ENIs
+        assert until(lambda: len(enis(a)), lambda n: n == 4) == 4
+        assert all(e["table"] == e["device"] + 1 for e in enis(a) if not e["primary"])
+        # a pod whose address lives on a secondary ENI leaves through that ENI's link
+        by_eni = {ip: e for e in enis(a) for ip in e["ips"]}
+        secondary = [
+            (p, r.ip) for p, r in zip(pods, results, strict=True) if not by_eni[r.ip]["primary"]
+        ]
+        pod, ip = secondary[0]
+        link = f"eth{by_eni[ip]['device']}"
+        before = tx_packets(a, link)
+        assert ping(pod, peer_ip, count=3)
+        assert tx_packets(a, link) >= before + 3
+        assert ping(a.netns, ip) and ping(peer, ip)  # node->pod, pod<->pod across nodes
+        # the other node's pod sees this pod's own address (no NAT inside the VPC)
+        assert "from" not in peer.run("ip", "route").stdout
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            assert all(r.code == 0 for r in ex.map(a.delete, pods))
+        # back to 0 pods: secondary ENIs freed one per tick, after their minimum age
+        assert until(lambda: len(enis(a)), lambda n: n == 1, timeout=60) == 1
+        cloud = our_enis_in_cloud(vpc, va)
+        assert all(e.get("Attachment", {}).get("Status") == "attached" for e in cloud), cloud
+    finally:
+        a.close()
+        b.close()
+
+
+def test_prefix_mode_hands_out_addresses_of_28s(vpc: Vpc) -> None:
+    subnet = vpc.add_subnet("10.0.16.0/20")
+    node = agent_on(vpc, vpc.add_node("m5.large", subnet), "pfx", prefix_delegation=True)
+    try:
+        pods = [node.new_pod("pf") for _ in range(5)]
+        results = [add_retrying(node, p) for p in pods]
+        assert all(r.code == 0 for r in results)
+        prefixes = [p for e in enis(node) for p in e["prefixes"]]
+        assert prefixes and all(p.endswith("/28") for p in prefixes)
+        from ipaddress import IPv4Address, IPv4Network
+
+        assert all(any(IPv4Address(r.ip) in IPv4Network(p) for p in prefixes) for r in results)
+        assert ping(node.netns, results[0].ip)
+    finally:
+        node.close()
+
+
+def test_throttling_on_every_call_during_scale_up(vpc: Vpc) -> None:
+    subnet = vpc.add_subnet("10.0.32.0/20")
+    vnode = vpc.add_node("m5.large", subnet)
+    for action in (
+        "AssignPrivateIpAddresses",
+        "CreateNetworkInterface",
+        "AttachNetworkInterface",
+        "ModifyNetworkInterfaceAttribute",
+        "DescribeNetworkInterfaces",
+        "DescribeInstanceTypes",
+        "DescribeSubnets",
+        "CreateTags",
+    ):
+        vpc.faults.throttle(action, 3)
+    node = agent_on(vpc, vnode, "thr")
+    try:
+        pods = [node.new_pod("th") for _ in range(15)]
+        codes: list[int] = []
+        results = []
+        for p in pods:
+            r = node.add(p)
+            while r.code != 0:
+                codes.append(r.doc["code"])
+                assert r.doc["code"] == 11, r
+                time.sleep(0.2)
+                r = node.add(p)
+            results.append(r)
+        assert len({r.ip for r in results}) == 15
+        metrics = node.ctl("metrics").stdout
+        assert 'outcome="RequestLimitExceeded"' in metrics  # throttled, absorbed by retries
+        for p in pods:
+            assert node.delete(p).code == 0
+        cloud = our_enis_in_cloud(vpc, vnode)
+        assert all(e["Status"] == "in-use" for e in cloud), cloud  # nothing leaked `available`
+    finally:
+        node.close()
+
+
+def test_subnet_exhaustion_falls_back_from_prefixes_to_single_ips(vpc: Vpc) -> None:
+    # a /26 whose free space is fragmented: no aligned /28 left, single addresses still free
+    subnet = vpc.add_subnet("10.0.48.0/26")
+    vnode = vpc.add_node("m5.large", subnet)
+    import boto3
+
+    ec2 = boto3.client("ec2", **vpc.client_kwargs())
+    blocker = ec2.create_network_interface(SubnetId=subnet.id)["NetworkInterface"][
+        "NetworkInterfaceId"
+    ]
+    taken = [f"10.0.48.{i}" for i in range(5, 64, 8)]  # one address in every /28 but the first
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=blocker, PrivateIpAddresses=taken[1:])
+    node = agent_on(vpc, vnode, "exh", prefix_delegation=True)
+    try:
+        pods = [node.new_pod("ex") for _ in range(3)]
+        results = [add_retrying(node, p) for p in pods]
+        assert all(r.code == 0 for r in results), results
+        pool = node.call("agent.pool")
+        assert pool["refiller"]["fallback"] is not None
+        assert pool["refiller"]["fallback"]["code"] in (
+            "InsufficientCidrBlocks",
+            "InsufficientFreeAddressesInSubnet",
+        )
+        assert "fallback to /32" in node.ctl("pool").stdout
+    finally:
+        node.close()
+
+
+def test_agent_killed_during_an_eni_attach_leaks_nothing(vpc: Vpc) -> None:
+    subnet = vpc.add_subnet("10.0.64.0/20")
+    vnode = vpc.add_node("m5.large", subnet)
+    vpc.faults.attach_delay(3.0)
+    node = agent_on(vpc, vnode, "kill")
+    try:
+        pods = [node.new_pod("kl") for _ in range(12)]  # more than the primary ENI's 9
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            first = list(ex.map(node.add, pods))
+        # the second ENI is being attached now (3 s in `attaching`): kill the agent mid-way
+        until(
+            lambda: [e for e in our_enis_in_cloud(vpc, vnode) if e.get("Attachment")],
+            lambda found: len(found) >= 1,
+            timeout=10,
+        )
+        node.kill()
+        vpc.faults.attach_delay(0.0)
+        node.start()
+        ok = {p.name: r.ip for p, r in zip(pods, first, strict=True) if r.code == 0}
+        for p in pods:
+            if p.name not in ok:
+                r = add_retrying(node, p)
+                assert r.code == 0, r
+                ok[p.name] = r.ip
+        live = {pod["container_id"]: pod["ip"] for pod in node.call("agent.pods")}
+        assert all(live[name] == ip for name, ip in ok.items())
+        assert len(set(live.values())) == len(live) == 12  # no address twice
+        # every ENI with our tag ends attached to the node: adopted, or deleted if it never was
+        cloud = until(
+            lambda: our_enis_in_cloud(vpc, vnode),
+            lambda found: all(e["Status"] == "in-use" for e in found),
+            timeout=30,
+        )
+        assert all(e["Status"] == "in-use" for e in cloud), cloud
+        assert {e["NetworkInterfaceId"] for e in cloud} == {
+            e["eni"] for e in enis(node) if not e["primary"]
+        }
+    finally:
+        node.close()
+
+
+def test_leaked_available_enis_with_our_tag_are_deleted(vpc: Vpc) -> None:
+    import boto3
+
+    subnet = vpc.add_subnet("10.0.80.0/20")
+    vnode = vpc.add_node("m5.large", subnet)
+    ec2 = boto3.client("ec2", **vpc.client_kwargs())
+    tags = [
+        {"Key": TAG_INSTANCE, "Value": vnode.instance_id},
+        {"Key": "node.k8s.amazonaws.com/createdAt", "Value": "2020-01-01T00:00:00Z"},
+    ]
+    leaked = ec2.create_network_interface(
+        SubnetId=subnet.id, TagSpecifications=[{"ResourceType": "network-interface", "Tags": tags}]
+    )["NetworkInterface"]["NetworkInterfaceId"]
+    foreign = ec2.create_network_interface(SubnetId=subnet.id)["NetworkInterface"][
+        "NetworkInterfaceId"
+    ]
+    node = agent_on(vpc, vnode, "leak")
+    try:
+        left = until(
+            lambda: {
+                e["NetworkInterfaceId"]
+                for e in ec2.describe_network_interfaces()["NetworkInterfaces"]
+            },
+            lambda ids: leaked not in ids,
+            timeout=30,
+        )
+        assert leaked not in left and foreign in left
+    finally:
+        node.close()
