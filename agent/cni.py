@@ -211,7 +211,8 @@ class CniService:
 
     # -- verbs --------------------------------------------------------------------------------
 
-    def _pod(self, a: Allocation, netns: str | None = None) -> PodNet:
+    def pod_net(self, a: Allocation, netns: str | None = None) -> PodNet:
+        """The datapath's view of allocation ``a`` (optionally in another netns path)."""
         return PodNet(
             netns=netns or a.netns,
             ifname=a.ifname,
@@ -251,7 +252,7 @@ class CniService:
                 await self.checkpoint.commit()
                 await self._await_deletion(alloc.host_veth)
                 with anyio.fail_after(self.wire_timeout):
-                    wired = await self.datapath.wire(self._pod(alloc))
+                    wired = await self.datapath.wire(self.pod_net(alloc))
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_add(alloc, wired)
@@ -291,7 +292,7 @@ class CniService:
     async def _undo_add(self, alloc: Allocation, wired: WiredPod | None) -> None:
         try:
             if wired is not None:
-                await self.datapath.unwire_host(self._pod(alloc))
+                await self.datapath.unwire_host(self.pod_net(alloc))
                 await self.datapath.delete_link(alloc.host_veth)
         except NetlinkError as e:  # the netns may be gone; GC collects what is left
             log.warning(
@@ -307,7 +308,7 @@ class CniService:
     async def _teardown(self, alloc: Allocation, *, keep_record: bool) -> None:
         """Remove the datapath of ``alloc`` now (not in the background)."""
         await self._await_deletion(alloc.host_veth)
-        await self.datapath.unwire_host(self._pod(alloc))
+        await self.datapath.unwire_host(self.pod_net(alloc))
         await self.datapath.delete_link(alloc.host_veth)
         if not keep_record:
             self.allocations.pop(alloc.key, None)
@@ -324,7 +325,7 @@ class CniService:
             if await self.datapath.link_exists(name):
                 self._schedule_delete(name)
             return None
-        await self.datapath.unwire_host(self._pod(alloc))
+        await self.datapath.unwire_host(self.pod_net(alloc))
         del self.allocations[key]
         self.pool.release(alloc.ip, self.clock())
         await self.checkpoint.commit()
@@ -347,7 +348,7 @@ class CniService:
                 f"prevResult {want}, allocated {alloc.ip}",
             )
         try:
-            missing = await self.datapath.check(self._pod(alloc, req.netns))
+            missing = await self.datapath.check(self.pod_net(alloc, req.netns))
         except NetnsNotFound:
             raise CniError(CHECK_FAILED, "network namespace is gone", req.netns) from None
         if missing:

@@ -43,6 +43,7 @@ from agent.health import (
 from agent.ipam import IpPool
 from agent.metrics import Metrics
 from agent.pool_math import InstanceLimits, max_pods
+from agent.repair import Repairer
 from agent.snat_service import SnatService, pool_cidrs
 from cloud.provider import Provider
 from cloud.static import StaticProvider
@@ -172,6 +173,7 @@ async def run(
     if cfg.agent.ip_forward:
         enable_forwarding()
     datapath = Datapath()
+    threaded = ThreadedDatapath(datapath)
     events, health, metrics, stats = EventBus(), Health(), Metrics(), ServerStats()
     watcher = Watcher()
     snapshot = ckpt.load(cfg.state_path)
@@ -195,7 +197,7 @@ async def run(
                 provider = await open_provider(cfg, stack, watcher, metrics)
                 cni = CniService(
                     pool=IpPool(cooldown=cfg.ipam.cooldown),
-                    datapath=ThreadedDatapath(datapath),
+                    datapath=threaded,
                     provider=provider,
                     checkpoint_path=cfg.state_path,
                     mtu=cfg.mtu,
@@ -255,6 +257,9 @@ async def run(
                 spool_dir=Path(cfg.agent.spool_dir),
             )
             watcher.add_callback(gc.on_watch)
+            repairer = Repairer(cni, threaded.repair_host, metrics=metrics, events=events)
+            watcher.add_callback(repairer.on_watch)
+            await tg.start(health.run, "repair", repairer.serve)
             await tg.start(health.run, "gc", gc.serve)
             api = AgentApi(
                 cni,

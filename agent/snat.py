@@ -353,7 +353,10 @@ def render_nft(spec: SnatSpec, present: NftTableState | None = None) -> str:
             if (st.name, st.type, st.flags) not in keep_sets:
                 out.append(f"delete set {t} {st.name}")
     for name in SET_NAMES:
-        out += [f"add set {t} {name} {{ type ipv4_addr; flags interval; }}", f"flush set {t} {name}"]
+        out += [
+            f"add set {t} {name} {{ type ipv4_addr; flags interval; }}",
+            f"flush set {t} {name}",
+        ]
         nets = spec.cidrs(name)
         if nets:
             out.append(f"add element {t} {name} {{ {', '.join(map(str, nets))} }}")

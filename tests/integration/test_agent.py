@@ -316,3 +316,27 @@ def test_machine_namespace_untouched() -> None:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "pwv" not in links
     assert os.path.exists("/proc/self/ns/net")
+
+
+def test_deleted_host_route_and_downed_veth_come_back(node: Node) -> None:
+    pod = node.new_pod()
+    add = node.add(pod)
+    assert add.code == 0
+    host_veth = add.doc["interfaces"][0]["name"]
+    node.netns.run("ip", "route", "del", f"{add.ip}/32")
+    deadline = time.monotonic() + 10
+    while f"{add.ip} dev {host_veth}" not in node.netns.run("ip", "route").stdout:
+        assert time.monotonic() < deadline, "route not put back"
+        time.sleep(0.05)
+    assert ping(node.netns, add.ip)
+    node.netns.run("ip", "link", "set", host_veth, "down")
+    while "state UP" not in node.netns.run("ip", "link", "show", host_veth).stdout:
+        assert time.monotonic() < deadline + 10, "veth not brought back up"
+        time.sleep(0.05)
+    kinds = [e.get("what") for e in node.call("agent.events") if e["kind"] == "repaired"]
+    assert "route" in kinds and "link down" in kinds
+    assert 'podwire_gc_repairs_total{kind="route"}' in node.ctl("metrics").stdout
+    assert node.delete(pod).code == 0
+    # a DEL's own route removal is never "repaired"
+    time.sleep(0.3)
+    assert add.ip not in node.netns.run("ip", "route").stdout

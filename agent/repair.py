@@ -1,0 +1,121 @@
+"""Putting back what someone else removed from a live pod's host side.
+
+Theory of operation: the netlink watcher reports every route, rule and link change in the
+node's namespace. A deleted ``<pod ip>/32`` route in the main table, a deleted rule at the pod
+priorities (512, 1536) naming a pod's address, or a pod's host veth seen down marks that
+allocation suspect; a resync (events were lost) marks every allocation. The repair loop then
+takes each suspect's key lock — so it never fights an ADD or DEL in flight, whose own route
+changes are what the watcher reports first — checks the allocation still exists, and puts the
+host side back (idempotent: veth up, route replaced, rules added unless present). Every repair
+is counted (``podwire_gc_repairs_total{kind}``) and published on the event feed.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address
+
+import anyio
+import anyio.abc
+
+from agent.cni import CniService
+from agent.cni_spec import PodKey
+from agent.events import EventBus
+from agent.metrics import Metrics
+from netlink.errors import NetlinkError
+from netlink.names import HOST_VETH_PREFIX
+from netlink.veth import RT_TABLE_MAIN, RULE_FROM_PRIORITY, RULE_TO_PRIORITY
+from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent
+
+log = logging.getLogger("podwire.repair")
+
+
+def suspects(
+    item: Item, by_ip: dict[IPv4Address, PodKey], by_veth: dict[str, PodKey]
+) -> dict[PodKey, str]:
+    """Allocations an event batch may have damaged, each with what happened; pure."""
+    found: dict[PodKey, str] = {}
+    if not isinstance(item, Batch):
+        return {key: "resync" for key in by_ip.values()}
+    for e in item.events:
+        if (
+            isinstance(e, RouteEvent)
+            and e.kind == "del"
+            and e.prefixlen == 32
+            and e.table == RT_TABLE_MAIN
+        ):
+            if e.dst in by_ip:
+                found[by_ip[e.dst]] = "route"
+        elif (
+            isinstance(e, RuleEvent)
+            and e.kind == "del"
+            and e.priority in (RULE_TO_PRIORITY, RULE_FROM_PRIORITY)
+        ):
+            ip = e.src if e.priority == RULE_FROM_PRIORITY else e.dst
+            if ip in by_ip:
+                found[by_ip[ip]] = "rule"
+        elif (
+            isinstance(e, LinkEvent)
+            and e.kind == "new"
+            and not e.up
+            and e.name.startswith(HOST_VETH_PREFIX)
+            and e.name in by_veth
+        ):
+            found[by_veth[e.name]] = "link down"
+    return found
+
+
+class Repairer:
+    def __init__(
+        self,
+        cni: CniService,
+        repair_host: object,
+        *,
+        metrics: Metrics | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        self.cni = cni
+        self._repair_host = repair_host  # async (PodNet) -> bool
+        self.metrics = metrics or Metrics()
+        self.events = events or EventBus()
+        self._pending: dict[PodKey, str] = {}
+        self._wake = anyio.Event()
+        self.repairs = 0
+
+    def __repr__(self) -> str:
+        return f"<Repairer pending={len(self._pending)} repairs={self.repairs}>"
+
+    def on_watch(self, item: Item) -> None:
+        """Watcher callback (synchronous, never blocks)."""
+        allocs = self.cni.allocations.values()
+        found = suspects(item, {a.ip: a.key for a in allocs}, {a.host_veth: a.key for a in allocs})
+        if found:
+            self._pending.update(found)
+            self._wake.set()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            pending, self._pending = self._pending, {}
+            for key, what in pending.items():
+                await self._repair(key, what)
+
+    async def _repair(self, key: PodKey, what: str) -> None:
+        async with self.cni.locks.hold(key):
+            alloc = self.cni.allocations.get(key)
+            if alloc is None:
+                return  # a DEL or GC released it: its route went with it, as it should
+            try:
+                repaired = await self._repair_host(self.cni.pod_net(alloc))  # type: ignore[operator]
+            except NetlinkError as e:
+                log.warning("repair failed", extra={"key": str(key), "what": what, "error": str(e)})
+                return
+        if repaired and what != "resync":
+            self.repairs += 1
+            self.metrics.gc_run({}, {what: 1})
+            self.events.publish("repaired", key=str(key), ip=str(alloc.ip), what=what)
+            log.warning("put back what someone removed", extra={"key": str(key), "what": what})
