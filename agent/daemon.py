@@ -98,6 +98,51 @@ async def open_provider(
     )
 
 
+async def _restore_until_reachable(
+    cfg: Config,
+    stack: AsyncExitStack,
+    watcher: Watcher,
+    metrics: Metrics,
+    health: Health,
+    datapath: ThreadedDatapath,
+    events: EventBus,
+    snapshot: ckpt.Snapshot,
+) -> tuple[Provider, CniService, list[tuple[ckpt.Allocation, str]]]:
+    """Open the provider and restore state, retrying with backoff while the cloud cannot be
+    reached: the agent stays alive (liveness) and says why it is not ready (readiness)."""
+    delay = 1.0
+    while True:
+        attempt = AsyncExitStack()
+        try:
+            provider = await open_provider(cfg, attempt, watcher, metrics)
+            cni = CniService(
+                pool=IpPool(cooldown=cfg.ipam.cooldown),
+                datapath=datapath,
+                provider=provider,
+                checkpoint_path=cfg.state_path,
+                mtu=cfg.mtu,
+                add_wait=cfg.agent.add_wait,
+                events=events,
+            )
+            dropped = await cni.restore(snapshot)
+        except ckpt.CheckpointCorrupt:
+            await attempt.aclose()
+            raise
+        except Exception as e:
+            await attempt.aclose()
+            reason = f"{type(e).__name__}: {e}"
+            health.set_ready(PROVIDER_REACHABLE, False, reason)
+            log.error(
+                "cannot restore state from the provider; retrying",
+                extra={"error": reason, "retry_in_s": delay},
+            )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        await stack.enter_async_context(attempt)
+        return provider, cni, dropped
+
+
 def enable_forwarding() -> None:
     """The node routes pod traffic: forwarding on, in the namespace the agent runs in."""
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -193,22 +238,10 @@ async def run(
             )
             await tg.start(notify.serve_watchdog, health)
             await tg.start(health.run, "netlink-watcher", watcher.serve)
-            try:
-                provider = await open_provider(cfg, stack, watcher, metrics)
-                cni = CniService(
-                    pool=IpPool(cooldown=cfg.ipam.cooldown),
-                    datapath=threaded,
-                    provider=provider,
-                    checkpoint_path=cfg.state_path,
-                    mtu=cfg.mtu,
-                    add_wait=cfg.agent.add_wait,
-                    events=events,
-                )
-                await tg.start(health.run, "veth-deleter", cni.run)
-                dropped = await cni.restore(snapshot)
-            except Exception as e:
-                health.set_ready(PROVIDER_REACHABLE, False, f"{type(e).__name__}: {e}")
-                raise
+            provider, cni, dropped = await _restore_until_reachable(
+                cfg, stack, watcher, metrics, health, threaded, events, snapshot
+            )
+            await tg.start(health.run, "veth-deleter", cni.run)
             health.set_ready(PROVIDER_REACHABLE, True, provider.name)
             health.set_ready(
                 STATE_RESTORED, True, f"{len(cni.allocations)} allocations, {len(dropped)} dropped"

@@ -92,12 +92,12 @@ class Node:
             'log_format = "json"\n'
             "[provider]\n"
             + (
-                'kind = "aws"\n[aws]\n' + "".join(f"{k} = {json.dumps(v)}\n" for k, v in aws.items())
+                'kind = "aws"\n[aws]\n'
+                + "".join(f"{k} = {json.dumps(v)}\n" for k, v in aws.items())
                 if aws is not None
                 else f'kind = "static"\n[static]\ncidrs = {json.dumps(list(cidrs))}\n'
             )
-            +
-            "[ipam]\n"
+            + "[ipam]\n"
             f"cooldown = {cooldown}\n"
             "[health]\n"
             "port = 0\n"
@@ -106,10 +106,22 @@ class Node:
             "orphan_grace = 0\n" + extra_config
         )
         subprocess.run(
-            [str(VENV_BIN / "podwire-agent"), "install-cni", "--bin-dir", str(self.bin_dir),
-             "--conf-dir", str(self.conf_dir), "--socket", self.socket,
-             "--spool-dir", str(self.dir / "spool"), "--chain", ",".join(chain)],
-            check=True, capture_output=True,
+            [
+                str(VENV_BIN / "podwire-agent"),
+                "install-cni",
+                "--bin-dir",
+                str(self.bin_dir),
+                "--conf-dir",
+                str(self.conf_dir),
+                "--socket",
+                self.socket,
+                "--spool-dir",
+                str(self.dir / "spool"),
+                "--chain",
+                ",".join(chain),
+            ],
+            check=True,
+            capture_output=True,
         )
         for name in chain:
             (self.bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
@@ -120,14 +132,19 @@ class Node:
 
     # -- agent --------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the agent in the node namespace and wait until it serves the socket."""
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> None:
+        """Start the agent in the node namespace and (unless ``wait`` is false) wait until it
+        serves the socket."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = self.netns.popen(
             [str(VENV_BIN / "podwire-agent"), "run", "--config", str(self.config_path)],
-            stdout=log, stderr=log, env=self.env,
+            stdout=log,
+            stderr=log,
+            env=self.env,
         )
         log.close()
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -168,11 +185,11 @@ class Node:
 
     @property
     def health_url(self) -> str:
-        """The agent's health/metrics endpoint, as its "ready" log line reports it."""
+        """The agent's health/metrics endpoint, as its log reports it."""
         for event in self.log_events():
-            if event.get("msg") == "ready":
-                return str(event["health"])
-        raise RuntimeError("agent has not logged its readiness")
+            if event.get("msg") == "health server listening":
+                return f"http://{event['address']}:{event['port']}"
+        raise RuntimeError("agent has not logged its health endpoint")
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         with Client(self.socket, timeout=10) as c:
@@ -181,7 +198,9 @@ class Node:
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(VENV_BIN / "agentctl"), "--socket", self.socket, *args],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     # -- pods ---------------------------------------------------------------------------------
@@ -193,7 +212,12 @@ class Node:
 
     def plugin_conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
         """The config a runtime would pass to the podwire plugin (first of the chain)."""
-        return {"cniVersion": version, "name": self.conflist["name"], **self.conflist["plugins"][0], **extra}
+        return {
+            "cniVersion": version,
+            "name": self.conflist["name"],
+            **self.conflist["plugins"][0],
+            **extra,
+        }
 
     def cni(
         self,
@@ -223,7 +247,10 @@ class Node:
         # such as portmap write iptables rules wherever they run).
         proc = subprocess.run(
             ["nsenter", f"--net={self.netns.path}", "--", str(self.bin_dir / plugin)],
-            env=base, input=stdin, capture_output=True, timeout=60,
+            env=base,
+            input=stdin,
+            capture_output=True,
+            timeout=60,
         )
         return CniResult(proc)
 

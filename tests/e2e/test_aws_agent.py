@@ -135,7 +135,10 @@ def test_scale_0_30_0_enis_follow_the_targets_and_traffic_leaves_by_the_owning_e
             assert all(r.code == 0 for r in ex.map(a.delete, pods))
         # back to 0 pods: secondary ENIs freed one per tick, after their minimum age
         assert until(lambda: len(enis(a)), lambda n: n == 1, timeout=60) == 1
-        cloud = our_enis_in_cloud(vpc, va)
+        cloud = until(
+            lambda: our_enis_in_cloud(vpc, va),
+            lambda found: all(e.get("Attachment", {}).get("Status") == "attached" for e in found),
+        )
         assert all(e.get("Attachment", {}).get("Status") == "attached" for e in cloud), cloud
     finally:
         a.close()
@@ -173,7 +176,8 @@ def test_throttling_on_every_call_during_scale_up(vpc: Vpc) -> None:
         "CreateTags",
     ):
         vpc.faults.throttle(action, 3)
-    node = agent_on(vpc, vnode, "thr")
+    # leak cleanup off: an ENI the workflows left `available` must show, not be swept away
+    node = agent_on(vpc, vnode, "thr", leak_cleanup=False)
     try:
         pods = [node.new_pod("th") for _ in range(15)]
         codes: list[int] = []
@@ -191,7 +195,12 @@ def test_throttling_on_every_call_during_scale_up(vpc: Vpc) -> None:
         assert 'outcome="RequestLimitExceeded"' in metrics  # throttled, absorbed by retries
         for p in pods:
             assert node.delete(p).code == 0
-        cloud = our_enis_in_cloud(vpc, vnode)
+        # an ENI being freed is briefly detached before it is deleted: wait for the workflow
+        cloud = until(
+            lambda: our_enis_in_cloud(vpc, vnode),
+            lambda found: all(e["Status"] == "in-use" for e in found),
+            timeout=30,
+        )
         assert all(e["Status"] == "in-use" for e in cloud), cloud  # nothing leaked `available`
     finally:
         node.close()
@@ -295,3 +304,48 @@ def test_leaked_available_enis_with_our_tag_are_deleted(vpc: Vpc) -> None:
         assert leaked not in left and foreign in left
     finally:
         node.close()
+
+
+def test_readiness_follows_the_provider_and_liveness_stays(vpc: Vpc) -> None:
+    import json as _json
+
+    subnet = vpc.add_subnet("10.0.96.0/20")
+    vnode = vpc.add_node("m5.large", subnet)
+    vpc.faults.error("DescribeInstanceTypes", 6, status=503)  # 3 restore attempts of 2 tries fail
+    settings = {
+        "imds_url": vnode.imds_url,
+        "ec2_endpoint": vnode.ec2_url,
+        "region": vpc.region,
+        **FAST,
+        "retry_attempts": 2,
+    }
+    node = Node(
+        netns=vnode.netns, primary_ip=vnode.primary_ip, aws=settings, env=CREDS, tag="ready"
+    )
+    try:
+        node.start(wait=False)
+
+        def probe(path: str) -> tuple[str, str]:
+            url = until(lambda: _try_url(node), lambda u: u is not None, timeout=10)
+            out = node.netns.run(
+                "curl", "-s", "-w", "\n%{http_code}", f"{url}{path}", check=False
+            ).stdout
+            body, _, code = out.rpartition("\n")
+            return code, body
+
+        code, body = until(lambda: probe("/readyz"), lambda r: r[0] == "503", timeout=15)
+        assert code == "503" and "provider" in _json.loads(body)["failing"]
+        assert probe("/healthz")[0] == "200"  # alive: retrying, not crashed
+        # the cloud comes back: ready, and the socket is served
+        code, _ = until(lambda: probe("/readyz"), lambda r: r[0] == "200", timeout=60)
+        assert code == "200"
+        assert until(lambda: node.ctl("health").returncode, lambda rc: rc == 0, timeout=10) == 0
+    finally:
+        node.close()
+
+
+def _try_url(node: Node) -> str | None:
+    try:
+        return node.health_url
+    except RuntimeError:
+        return None
