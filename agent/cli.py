@@ -51,9 +51,13 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
     from agent.install import uninstall
+    from agent.snat_service import remove_all
 
     for path in uninstall(bin_dir=args.bin_dir, conf_dir=args.conf_dir):
         print(f"removed {path}")
+    # the SNAT state goes only on this explicit request, never when the agent stops
+    for backend in remove_all():
+        print(f"removed SNAT state ({backend})")
     return 0
 
 
@@ -70,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     for name, func, text in (
         ("install-cni", _cmd_install, "install the podwire plugin and its conflist"),
-        ("uninstall", _cmd_uninstall, "remove the conflist and the plugin"),
+        ("uninstall", _cmd_uninstall, "remove the conflist, the plugin and the SNAT state"),
     ):
         s = sub.add_parser(name, help=text)
         s.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))

@@ -22,8 +22,12 @@ ROOT = str(__import__("pathlib").Path(__file__).resolve().parents[2])
 
 
 def echo_server(ns_name: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns_name, sys.executable, "-m", "tests.echo", "serve", str(PORT)],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns_name, sys.executable, "-m", "tests.echo", "serve", str(PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
 
@@ -56,16 +60,28 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         try:
             for i, cidr in enumerate(("10.0.101.0/24", "10.0.102.0/24")):
                 vnode = vpc.add_node("m5.large", subnet, pod_cidr=cidr)
-                node = Node(netns=vnode.netns, primary_ip=vnode.primary_ip, cidrs=(cidr,), tag=f"snat{i}",
-                            extra_config=SNAT_CONFIG + f'backend = "{backend}"\n')
+                node = Node(
+                    netns=vnode.netns,
+                    primary_ip=vnode.primary_ip,
+                    cidrs=(cidr,),
+                    tag=f"snat{i}",
+                    extra_config=SNAT_CONFIG + f'backend = "{backend}"\n',
+                )
                 nodes.append(node)
                 node.start()
             servers.append(echo_server(vpc.internet.name))
             pod_a, pod_b = nodes[0].new_pod("pa"), nodes[1].new_pod("pb")
             ip_a, ip_b = nodes[0].add(pod_a).ip, nodes[1].add(pod_b).ip
             servers.append(echo_server(pod_b.name))
-            yield {"vpc": vpc, "nodes": nodes, "pod_a": pod_a, "ip_a": ip_a, "pod_b": pod_b, "ip_b": ip_b,
-                   "backend": backend}
+            yield {
+                "vpc": vpc,
+                "nodes": nodes,
+                "pod_a": pod_a,
+                "ip_a": ip_a,
+                "pod_b": pod_b,
+                "ip_b": ip_b,
+                "backend": backend,
+            }
         finally:
             for s in servers:
                 s.kill()
@@ -76,7 +92,9 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
 
 def test_backend_is_the_one_asked_for(cluster: dict[str, Any]) -> None:
     status = cluster["nodes"][0].call("agent.snat")
-    assert status["backend"] in (("libnftables", "nft") if cluster["backend"] == "nftables" else ("iptables",))
+    assert status["backend"] in (
+        ("libnftables", "nft") if cluster["backend"] == "nftables" else ("iptables",)
+    )
     assert "SNAT:" in cluster["nodes"][0].ctl("status").stdout
 
 
@@ -90,12 +108,22 @@ def test_external_snat_switch_keeps_existing_connections(cluster: dict[str, Any]
     node_a, pod_a = cluster["nodes"][0], cluster["pod_a"]
     # a TCP connection opened while SNAT is on keeps working after the switch
     conn = subprocess.Popen(
-        ["ip", "netns", "exec", pod_a.name, sys.executable, "-c",
-         "import socket,sys\n"
-         f"s=socket.create_connection(('{INTERNET}',{PORT}),timeout=5); f=s.makefile('rwb')\n"
-         "for line in sys.stdin:\n"
-         "    f.write(b'x\\n'); f.flush(); print(f.readline().decode().strip(), flush=True)\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            pod_a.name,
+            sys.executable,
+            "-c",
+            "import socket,sys\n"
+            f"s=socket.create_connection(('{INTERNET}',{PORT}),timeout=5); f=s.makefile('rwb')\n"
+            "for line in sys.stdin:\n"
+            "    f.write(b'x\\n'); f.flush(); print(f.readline().decode().strip(), flush=True)\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert conn.stdin is not None and conn.stdout is not None
     try:
         conn.stdin.write("1\n")
@@ -130,14 +158,52 @@ def test_excluded_cidrs_keep_the_pod_address() -> None:
     with Vpc.start("10.0.0.0/16") as vpc:
         subnet = vpc.add_subnet("10.0.1.0/24", "us-east-1a")
         vnode = vpc.add_node("m5.large", subnet, pod_cidr="10.0.103.0/24")
-        node = Node(netns=vnode.netns, primary_ip=vnode.primary_ip, cidrs=("10.0.103.0/24",), tag="excl",
-                    extra_config=SNAT_CONFIG + 'exclude_cidrs = ["203.0.113.0/24"]\n')
+        node = Node(
+            netns=vnode.netns,
+            primary_ip=vnode.primary_ip,
+            cidrs=("10.0.103.0/24",),
+            tag="excl",
+            extra_config=SNAT_CONFIG + 'exclude_cidrs = ["203.0.113.0/24"]\n',
+        )
         server = echo_server(vpc.internet.name)
         try:
             node.start()
             pod = node.new_pod("px")
             ip = node.add(pod).ip
             assert seen_by(pod, INTERNET) == ip
+        finally:
+            server.kill()
+            server.wait()
+            node.close()
+
+
+def test_restart_keeps_the_table_and_uninstall_removes_it() -> None:
+    with Vpc.start("10.0.0.0/16") as vpc:
+        subnet = vpc.add_subnet("10.0.1.0/24", "us-east-1a")
+        vnode = vpc.add_node("m5.large", subnet, pod_cidr="10.0.104.0/24")
+        node = Node(
+            netns=vnode.netns,
+            primary_ip=vnode.primary_ip,
+            cidrs=("10.0.104.0/24",),
+            tag="unin",
+            extra_config=SNAT_CONFIG,
+        )
+        server = echo_server(vpc.internet.name)
+        try:
+            node.start()
+            pod = node.new_pod("pu")
+            assert node.add(pod).code == 0
+            node.stop()
+            # agent down: the table and the pod's egress stay
+            assert "table ip podwire" in node.netns.run("nft", "list", "tables").stdout
+            assert seen_by(pod, INTERNET) == node.primary_ip
+            agent = str(__import__("pathlib").Path(sys.executable).parent / "podwire-agent")
+            out = node.netns.run(
+                agent, "uninstall", "--bin-dir", str(node.bin_dir), "--conf-dir", str(node.conf_dir)
+            ).stdout
+            assert "removed SNAT state" in out
+            assert "podwire" not in node.netns.run("nft", "list", "tables").stdout
+            assert not (node.conf_dir / "10-podwire.conflist").exists()
         finally:
             server.kill()
             server.wait()
