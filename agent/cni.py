@@ -365,9 +365,9 @@ class CniService:
             if k.network == req.conf.name and (k.container_id, k.ifname) not in valid
         ]
         released, errors = [], []
+        # The runtime never runs GC concurrently with ADD/DEL on the network, so a held key lock
+        # is the agent's own (repair, its GC): wait for it rather than skip the attachment.
         for key in stale:
-            if self.locks.busy(key):
-                continue  # an ADD or DEL is running for it: not garbage
             try:
                 async with self.locks.hold(key):
                     alloc = await self._release(key)

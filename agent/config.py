@@ -43,6 +43,7 @@ class AgentSection:
     request_timeout: float = 30.0
     mtu: int = 0  # 0: 9001 on aws (jumbo frames in a VPC), 1500 otherwise
     ip_forward: bool = True
+    repair: bool = True  # put back a pod's host route, rules or veth state someone removed
     add_wait: float = 2.0  # how long an ADD waits for the pool to grow before code 11
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -290,9 +290,10 @@ async def run(
                 spool_dir=Path(cfg.agent.spool_dir),
             )
             watcher.add_callback(gc.on_watch)
-            repairer = Repairer(cni, threaded.repair_host, metrics=metrics, events=events)
-            watcher.add_callback(repairer.on_watch)
-            await tg.start(health.run, "repair", repairer.serve)
+            if cfg.agent.repair:
+                repairer = Repairer(cni, threaded.repair_host, metrics=metrics, events=events)
+                watcher.add_callback(repairer.on_watch)
+                await tg.start(health.run, "repair", repairer.serve)
             await tg.start(health.run, "gc", gc.serve)
             api = AgentApi(
                 cni,

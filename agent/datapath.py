@@ -32,7 +32,7 @@ class ThreadedDatapath:
     async def delete_links(self, host_veths: list[str]) -> None:
         await anyio.to_thread.run_sync(self._dp.delete_links, host_veths, limiter=self._limiter)
 
-    async def repair_host(self, pod: PodNet) -> bool:
+    async def repair_host(self, pod: PodNet) -> list[str]:
         return await anyio.to_thread.run_sync(self._dp.repair_host, pod, limiter=self._limiter)
 
     async def host_veths(self) -> dict[str, int]:

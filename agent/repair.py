@@ -110,12 +110,13 @@ class Repairer:
             if alloc is None:
                 return  # a DEL or GC released it: its route went with it, as it should
             try:
-                repaired = await self._repair_host(self.cni.pod_net(alloc))  # type: ignore[operator]
+                # only what is really missing: an ADD's own transient states are not damage
+                fixed = await self._repair_host(self.cni.pod_net(alloc))  # type: ignore[operator]
             except NetlinkError as e:
                 log.warning("repair failed", extra={"key": str(key), "what": what, "error": str(e)})
                 return
-        if repaired and what != "resync":
+        if fixed:
             self.repairs += 1
             self.metrics.gc_run({}, {what: 1})
-            self.events.publish("repaired", key=str(key), ip=str(alloc.ip), what=what)
-            log.warning("put back what someone removed", extra={"key": str(key), "what": what})
+            self.events.publish("repaired", key=str(key), ip=str(alloc.ip), what=what, fixed=fixed)
+            log.warning("put back what someone removed", extra={"key": str(key), "fixed": fixed})

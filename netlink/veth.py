@@ -527,29 +527,29 @@ class Datapath:
                         hrtnl.transact(added)
                 raise WireFailed(req.op, reply.failure(req.op))
 
-    def repair_host(self, pod: PodNet) -> bool:
-        """Put back the host side of a wired pod: veth up, ``ip/32`` route, rules. Idempotent.
-
-        For routes and rules someone else deleted (the watcher saw it). Returns False when the
-        host veth itself is gone (nothing to repair: the pod is for GC). Raises WireFailed.
+    def repair_host(self, pod: PodNet) -> list[str]:
+        """Put back what is missing from a wired pod's host side (veth down, ``ip/32`` route,
+        rules) and return what was put back, in ``check()``'s words; [] when nothing was
+        missing or the host veth itself is gone (then the pod is GC's). Raises WireFailed.
         """
         hrtnl = self._host()
-        reply = hrtnl.one(_getlink(f"host veth {pod.host_veth}", pod.host_veth))
-        if reply.error in _GONE_LINK:
-            return False
-        if reply.error:
-            raise reply.failure(f"host veth {pod.host_veth}")
-        index = _parse_link(reply.messages[0]).index
+        missing: list[str] = []
+        host = self._check_host(hrtnl, pod, missing)
+        if host is None or not missing:
+            return []
         requests = [
             Request(
-                f"host veth {pod.host_veth} up", RTM_SETLINK, ACKED, _ifinfmsg(index=index, up=True)
+                f"host veth {pod.host_veth} up",
+                RTM_SETLINK,
+                ACKED,
+                _ifinfmsg(index=host.index, up=True),
             ),
             _route_req(
                 f"host route {pod.ip}/32",
                 RTM_NEWROUTE,
                 REPLACE,
                 dst=pod.ip,
-                oif=index,
+                oif=host.index,
                 scope=_RT_SCOPE_LINK,
             ),
             *_rule_reqs(pod, RTM_NEWRULE, CREATE),
@@ -557,7 +557,7 @@ class Datapath:
         for req, r in zip(requests, hrtnl.transact(requests), strict=True):
             if r.error and not (req.type == RTM_NEWRULE and r.error == errno.EEXIST):
                 raise WireFailed(req.op, r.failure(req.op))
-        return True
+        return missing
 
     # -- unwiring --
 
