@@ -130,6 +130,7 @@ class AwsSection:
     min_eni_age: float = 60.0
     release_interval: float = 30.0
     exhaustion_pause: float = 120.0
+    reconcile_interval: float = 60.0  # re-read the node's ENIs from EC2 to catch drift
     link_timeout: float = 60.0
     leak_cleanup: bool = True
     leak_grace: float = 300.0

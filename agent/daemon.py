@@ -202,6 +202,7 @@ async def _start_aws_services(
             min_eni_age=aws.min_eni_age,
             release_interval=aws.release_interval,
             exhaustion_pause=aws.exhaustion_pause,
+            reconcile_interval=aws.reconcile_interval,
             pod_limit=max_pods(limits, prefix_mode=targets.prefix_mode, max_eni=targets.max_eni),
         ),
     )

@@ -90,6 +90,7 @@ class PoolCloud(Protocol):
     async def release_prefixes(self, eni_id: str, prefixes: Sequence[IPv4Network]) -> None: ...
     async def free_eni(self, eni_id: str) -> None: ...
     async def resync_eni(self, eni_id: str) -> AddressBlock: ...
+    async def inventory(self) -> Sequence[AddressBlock]: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -225,8 +226,12 @@ class Refiller:
         release_interval: float = 30.0,
         exhaustion_pause: float = 120.0,
         pod_limit: int | None = None,
+        reconcile_interval: float | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
+        self.reconcile_interval = reconcile_interval
+        self._reconciled_at: float | None = None
+        self.drift: dict[str, int] = {"joined": 0, "left": 0, "lost_assigned": 0}
         self.pool = pool
         self.provider = provider
         self.targets = targets
@@ -332,6 +337,36 @@ class Refiller:
             )
         return out
 
+    async def _reconcile(self) -> None:
+        """Re-read the node's ENIs from the cloud and bring the pool in line with them.
+
+        Runs inside this loop, between workflows, so it never sees one half done. Addresses the
+        cloud has and the pool lacks join (``_sync_pool``); free or cooling ones it no longer
+        has leave; assigned ones it no longer has are reported: their pods lost their address
+        (someone unassigned it behind the agent's back) and only DEL or GC can end that.
+        """
+        await self.provider.inventory()
+        cloud = {ip for e in self.provider.enis() if not e.no_manage for ip in e.pool_ips}
+        gone = [ip for ip in self.pool.addresses() if ip not in cloud]
+        left = self.pool.remove_free(gone)
+        lost = [ip for ip in gone if self.pool.holder(ip) is not None]
+        for owner in self.pool.owners():
+            self.pool.drop_owner_if_empty(owner)
+        before = self.pool.total
+        self._sync_pool(self.provider.enis())
+        joined = self.pool.total - before
+        self.drift["joined"] += joined
+        self.drift["left"] += len(left)
+        self.drift["lost_assigned"] += len(lost)
+        if joined or left or lost:
+            log.warning(
+                "refiller: pool drifted from the cloud: %d joined, %d left, %d assigned lost (%s)",
+                joined,
+                len(left),
+                len(lost),
+                ", ".join(map(str, lost)) or "-",
+            )
+
     def _sync_pool(self, enis: Sequence[EniView]) -> None:
         # The provider may know addresses the pool does not (a resync, an adopted ENI).
         added = 0
@@ -378,6 +413,11 @@ class Refiller:
         if self.fallback is not None and now >= self.fallback.until:
             log.info("refiller: trying /28 prefixes again")
             self.fallback = None
+        if self.reconcile_interval is not None and (
+            self._reconciled_at is None or now - self._reconciled_at >= self.reconcile_interval
+        ):
+            self._reconciled_at = now
+            await self._reconcile()
         enis = self.provider.enis()
         self._sync_pool(enis)
         decision = self._plan(enis, now)
@@ -552,6 +592,7 @@ async def serve(
     release_interval: float = 30.0,
     exhaustion_pause: float = 120.0,
     pod_limit: int | None = None,
+    reconcile_interval: float | None = None,
     task_status: TaskStatus[Refiller] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the refiller until cancelled; ``task_status.started`` hands back the Refiller (for
@@ -568,5 +609,6 @@ async def serve(
         release_interval=release_interval,
         exhaustion_pause=exhaustion_pause,
         pod_limit=pod_limit,
+        reconcile_interval=reconcile_interval,
     )
     await refiller.run(task_status=task_status)

@@ -10,6 +10,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -356,3 +357,28 @@ async def test_plan_mixed_drains_free_singles_first() -> None:
     # 22 available, 16 must stay: six /32s go, highest device first.
     assert dict(p.ips_to_release) == {"b": 3, "a": 3}
     assert not p.grows
+
+
+async def test_periodic_reconcile_catches_drift_between_workflows(
+    autojump_clock: trio.testing.MockClock, nursery_: trio.Nursery
+) -> None:
+    h = Harness(FakeCloudProvider(M5))
+    t0 = trio.current_time()
+    # a steady pool (4 held, 1 spare wanted): no growth tick re-reads the ENI before 60 s
+    targets = PoolTargets(warm_ip=1, minimum_ip=4)
+    refiller = await start(h, nursery_, targets, M5, reconcile_interval=60.0)
+    await trio.sleep(1)
+    (held,) = h.assign(1)
+    primary = h.cloud.enis()[0]
+    free = next(ip for ip in primary.ips if h.pool.holder(ip) is None)
+    extra = IPv4Address("10.0.250.9")
+    # behind the agent's back: a free and the assigned address unassigned, another assigned
+    h.cloud.cloud[primary.eni_id] = attrs.evolve(
+        primary, ips=(*(ip for ip in primary.ips if ip not in (free, held)), extra)
+    )
+    await trio.sleep_until(t0 + 59.9)
+    assert free in h.pool.addresses() and extra not in h.pool.addresses()
+    await trio.sleep_until(t0 + 60.1)  # the tick at 60 s re-reads the cloud
+    assert free not in h.pool.addresses() and extra in h.pool.addresses()
+    assert h.pool.holder(held) is not None  # the pod keeps its record until DEL or GC
+    assert refiller.drift == {"joined": 1, "left": 1, "lost_assigned": 1}
