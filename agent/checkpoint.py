@@ -27,7 +27,7 @@ from agent.cni_spec import PodKey
 FORMAT_VERSION = 1
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, cache_hash=True)
 class Allocation:
     """One attachment the agent made: who has which address, and where its links are."""
 
@@ -75,9 +75,30 @@ _conv.register_structure_hook(IPv4Address, lambda v, _: IPv4Address(v))
 _conv.register_unstructure_hook(IPv4Address, str)
 
 
-def encode(snapshot: Snapshot) -> bytes:
-    """Serialise a snapshot to the file format."""
-    return orjson.dumps(_conv.unstructure(snapshot), option=orjson.OPT_INDENT_2)
+def encode(snapshot: Snapshot, cache: PlainCache | None = None) -> bytes:
+    """Serialise a snapshot to the file format (``cache`` remembers converted allocations)."""
+    allocations = (cache or PlainCache()).plain(snapshot.allocations)
+    doc = {
+        "version": snapshot.version,
+        "allocations": allocations,
+        "cooling": [_conv.unstructure(c) for c in snapshot.cooling],
+    }
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+
+
+class PlainCache:
+    """Allocations already converted to plain dicts: they are frozen, so one conversion each
+    is enough, and a commit costs O(changes) conversions instead of O(pods)."""
+
+    def __init__(self) -> None:
+        self._plain: dict[Allocation, dict[str, Any]] = {}
+
+    def plain(self, allocations: Iterable[Allocation]) -> list[dict[str, Any]]:
+        old, self._plain = self._plain, {}
+        for a in allocations:
+            got = old.get(a)
+            self._plain[a] = got if got is not None else _conv.unstructure(a)
+        return list(self._plain.values())
 
 
 def decode(data: bytes, path: Path = Path("state.json")) -> Snapshot:
@@ -130,6 +151,7 @@ class Checkpoint:
         self._written = 0  # generation covered by the last completed write
         self._writing = False
         self._done = anyio.Event()
+        self._cache = PlainCache()
         self.writes = 0
 
     def __repr__(self) -> str:
@@ -152,7 +174,7 @@ class Checkpoint:
             self._writing = True
             gen = self._wanted
             try:
-                data = encode(self._take())
+                data = encode(self._take(), self._cache)
                 await anyio.to_thread.run_sync(write_atomically, self.path, data)
                 self.writes += 1
                 self._written = gen

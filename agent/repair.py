@@ -31,37 +31,44 @@ log = logging.getLogger("podwire.repair")
 
 
 def suspects(
-    item: Item, by_ip: dict[IPv4Address, PodKey], by_veth: dict[str, PodKey]
+    item: Item,
+    by_ip: dict[IPv4Address, PodKey],
+    by_veth: dict[str, PodKey],
+    seen_up: set[str] | None = None,
 ) -> dict[PodKey, str]:
-    """Allocations an event batch may have damaged, each with what happened; pure."""
-    found: dict[PodKey, str] = {}
+    """Allocations an event batch may have damaged, each with what happened.
+
+    Pure but for ``seen_up``, the host veths seen up so far, which it updates: a veth reported
+    down counts only if it was up before (while ADD wires a pod, its new veth is down for a
+    moment, and that is not damage).
+    """
+    seen_up = set() if seen_up is None else seen_up
     if not isinstance(item, Batch):
         return {key: "resync" for key in by_ip.values()}
+    found: dict[PodKey, str] = {}
     for e in item.events:
-        if (
-            isinstance(e, RouteEvent)
-            and e.kind == "del"
-            and e.prefixlen == 32
-            and e.table == RT_TABLE_MAIN
-        ):
-            if e.dst in by_ip:
+        if isinstance(e, RouteEvent):
+            if (
+                e.kind == "del"
+                and e.prefixlen == 32
+                and e.table == RT_TABLE_MAIN
+                and e.dst in by_ip
+            ):
                 found[by_ip[e.dst]] = "route"
-        elif (
-            isinstance(e, RuleEvent)
-            and e.kind == "del"
-            and e.priority in (RULE_TO_PRIORITY, RULE_FROM_PRIORITY)
-        ):
+        elif isinstance(e, RuleEvent):
             ip = e.src if e.priority == RULE_FROM_PRIORITY else e.dst
-            if ip in by_ip:
+            pod_rule = e.priority in (RULE_TO_PRIORITY, RULE_FROM_PRIORITY)
+            if e.kind == "del" and pod_rule and ip in by_ip:
                 found[by_ip[ip]] = "rule"
-        elif (
-            isinstance(e, LinkEvent)
-            and e.kind == "new"
-            and not e.up
-            and e.name.startswith(HOST_VETH_PREFIX)
-            and e.name in by_veth
-        ):
-            found[by_veth[e.name]] = "link down"
+        elif isinstance(e, LinkEvent) and e.name.startswith(HOST_VETH_PREFIX):
+            if e.kind == "del":
+                seen_up.discard(e.name)
+            elif e.up:
+                seen_up.add(e.name)
+            elif e.name in seen_up:
+                seen_up.discard(e.name)
+                if e.name in by_veth:
+                    found[by_veth[e.name]] = "link down"
     return found
 
 
@@ -79,6 +86,7 @@ class Repairer:
         self.metrics = metrics or Metrics()
         self.events = events or EventBus()
         self._pending: dict[PodKey, str] = {}
+        self._seen_up: set[str] = set()
         self._wake = anyio.Event()
         self.repairs = 0
 
@@ -88,7 +96,9 @@ class Repairer:
     def on_watch(self, item: Item) -> None:
         """Watcher callback (synchronous, never blocks)."""
         allocs = self.cni.allocations.values()
-        found = suspects(item, {a.ip: a.key for a in allocs}, {a.host_veth: a.key for a in allocs})
+        found = suspects(
+            item, {a.ip: a.key for a in allocs}, {a.host_veth: a.key for a in allocs}, self._seen_up
+        )
         if found:
             self._pending.update(found)
             self._wake.set()

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+import attrs
+
 from agent.cni_spec import PodKey
 from agent.repair import suspects
 from netlink.watcher import Batch, LinkEvent, Resync, RouteEvent, RuleEvent
@@ -22,7 +24,11 @@ def test_what_marks_a_pod_suspect() -> None:
     rule_gone = RuleEvent(kind="del", priority=1536, table=2, src=IP, src_len=32)
     assert suspects(batch(rule_gone), BY_IP, BY_VETH) == {K: "rule"}
     down = LinkEvent(kind="new", index=7, name="pwv0123456789ab", mac="02:00:00:00:00:01", up=False)
-    assert suspects(batch(down), BY_IP, BY_VETH) == {K: "link down"}
+    up = attrs.evolve(down, up=True)
+    seen: set[str] = set()
+    assert suspects(batch(down), BY_IP, BY_VETH, seen) == {}  # being created: not damage
+    assert suspects(batch(up), BY_IP, BY_VETH, seen) == {}
+    assert suspects(batch(down), BY_IP, BY_VETH, seen) == {K: "link down"}
     everything = Resync(reason="overrun", links=(), addrs=(), routes=(), rules=())
     assert suspects(everything, BY_IP, BY_VETH) == {K: "resync"}
 
