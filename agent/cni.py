@@ -100,6 +100,7 @@ class CniService:
         mtu: int,
         add_wait: float = 2.0,
         wire_timeout: float = 10.0,
+        delete_delay: float = 1.0,
         clock: Callable[[], float] = anyio.current_time,
         events: EventBus | None = None,
     ) -> None:
@@ -109,6 +110,7 @@ class CniService:
         self.mtu = mtu
         self.add_wait = add_wait
         self.wire_timeout = wire_timeout
+        self.delete_delay = delete_delay
         self.clock = clock
         self.events = events or EventBus()
         self.allocations: dict[PodKey, Allocation] = {}
@@ -169,10 +171,13 @@ class CniService:
         """Delete veths handed over by DEL, off the reply path, in batches.
 
         Each veth deletion waits ~20 ms in the kernel under the rtnl lock, stalling every other
-        netlink user; a batch deleted as one link group pays that wait once.
+        netlink user (the next DEL's route removal included); a batch deleted as one link group
+        pays that wait once, and waiting ``delete_delay`` for the batch to gather lets a burst
+        of DELs finish before the stall. An ADD reusing a name still pending waits for it.
         """
         task_status.started()
         async for name in self._delete_recv:
+            await anyio.sleep(self.delete_delay)
             batch = [name]
             while True:
                 try:
