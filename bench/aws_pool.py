@@ -22,24 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cloud.aws.ec2 import EC2_ACTIONS_USED as ACTIONS
 from cloud.emulator import Vpc
 from tests.harness import CniResult, Node
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-ACTIONS = (
-    "DescribeInstanceTypes",
-    "DescribeNetworkInterfaces",
-    "DescribeSubnets",
-    "CreateNetworkInterface",
-    "AttachNetworkInterface",
-    "DetachNetworkInterface",
-    "DeleteNetworkInterface",
-    "ModifyNetworkInterfaceAttribute",
-    "AssignPrivateIpAddresses",
-    "UnassignPrivateIpAddresses",
-    "CreateTags",
-)
 
 
 def summary(values: list[float]) -> dict[str, float]:
