@@ -206,7 +206,7 @@ def _fields(section: str) -> dict[str, attrs.Attribute[Any]]:
 
 def _convert(setting: str, attr: attrs.Attribute[Any], value: Any) -> Any:
     """Turn a TOML or environment value into the field's type; raises ConfigError."""
-    typ = attr.type
+    typ = str(attr.type)  # a string: the module uses postponed annotations
     text = isinstance(value, str)
     try:
         if typ == "bool":

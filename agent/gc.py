@@ -93,11 +93,20 @@ def policy_rule(rule: RuleEvent) -> PolicyRule | None:
     plain = rule.fwmark is None and not rule.iifname and rule.action == 1
     if not plain:
         return None
-    if (rule.priority == RULE_FROM_PRIORITY and rule.src is not None and rule.src_len == 32
-            and rule.dst_len == 0):
+    if (
+        rule.priority == RULE_FROM_PRIORITY
+        and rule.src is not None
+        and rule.src_len == 32
+        and rule.dst_len == 0
+    ):
         return PolicyRule(priority=rule.priority, ip=rule.src, table=rule.table)
-    if (rule.priority == RULE_TO_PRIORITY and rule.dst is not None and rule.dst_len == 32
-            and rule.src_len == 0 and rule.table == RT_TABLE_MAIN):
+    if (
+        rule.priority == RULE_TO_PRIORITY
+        and rule.dst is not None
+        and rule.dst_len == 32
+        and rule.src_len == 0
+        and rule.table == RT_TABLE_MAIN
+    ):
         return PolicyRule(priority=rule.priority, ip=rule.dst, table=rule.table)
     return None
 
@@ -390,8 +399,9 @@ async def collect(
                     continue
                 await cni._release(r.key)
             released += 1
-            log.info("gc released", extra={"key": str(r.key), "ip": str(r.alloc.ip),
-                                           "reason": r.reason})
+            log.info(
+                "gc released", extra={"key": str(r.key), "ip": str(r.alloc.ip), "reason": r.reason}
+            )
         except (NetlinkError, OSError) as e:
             errors.append(f"release {r.key}: {e}")
             continue
@@ -527,11 +537,21 @@ class GcService:
         # unknown namespace (never acted on) and at worst a sighting that the next look clears.
         now = self.cni.clock()
         the_plan = plan(
-            list(self.cni.allocations.values()), obs, self.cni.locks.busy, now, self.policy,
+            list(self.cni.allocations.values()),
+            obs,
+            self.cni.locks.busy,
+            now,
+            self.policy,
             self.sightings,
         )
-        report = await collect(self.cni, self.kernel, the_plan, dry_run=dry_run,
-                               policy=self.policy, probe_netns=self.probe_netns)
+        report = await collect(
+            self.cni,
+            self.kernel,
+            the_plan,
+            dry_run=dry_run,
+            policy=self.policy,
+            probe_netns=self.probe_netns,
+        )
         if dry_run:
             return report
         self.sightings = the_plan.sightings
@@ -545,9 +565,16 @@ class GcService:
         t.errors += len(report.errors)
         self.last = report
         if report.collected or report.errors:
-            log.info("gc collected", extra={"released": report.released, "veths": report.veths,
-                                            "rules": report.rules, "unmounted": report.unmounted,
-                                            "errors": list(report.errors)})
+            log.info(
+                "gc collected",
+                extra={
+                    "released": report.released,
+                    "veths": report.veths,
+                    "rules": report.rules,
+                    "unmounted": report.unmounted,
+                    "errors": list(report.errors),
+                },
+            )
         return report
 
     async def serve(

@@ -263,8 +263,10 @@ class Health:
         live, ready = self.liveness(), self.readiness()
         return {
             "alive": live.alive,
-            "services": {n: {"alive": n not in live.dead, "reason": live.dead.get(n, "")}
-                         for n in live.services},
+            "services": {
+                n: {"alive": n not in live.dead, "reason": live.dead.get(n, "")}
+                for n in live.services
+            },
             "ready": ready.ready,
             "conditions": {c.name: {"ok": c.ok, "reason": c.reason} for c in ready.conditions},
         }

@@ -133,46 +133,68 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.cni_requests = Counter(
-            f"{PREFIX}cni_requests", "CNI requests answered, by verb and CNI result code (0: ok).",
-            ("verb", "code"), registry=r,
+            f"{PREFIX}cni_requests",
+            "CNI requests answered, by verb and CNI result code (0: ok).",
+            ("verb", "code"),
+            registry=r,
         )
         self.cni_duration = Histogram(
-            f"{PREFIX}cni_request_duration_seconds", "Time to answer a CNI request, by verb.",
-            ("verb",), buckets=CNI_BUCKETS, registry=r,
+            f"{PREFIX}cni_request_duration_seconds",
+            "Time to answer a CNI request, by verb.",
+            ("verb",),
+            buckets=CNI_BUCKETS,
+            registry=r,
         )
         self.ec2_requests = Counter(
-            f"{PREFIX}ec2_requests", "EC2 API calls by action and outcome (ok, throttled...).",
-            ("action", "outcome"), registry=r,
+            f"{PREFIX}ec2_requests",
+            "EC2 API calls by action and outcome (ok, throttled...).",
+            ("action", "outcome"),
+            registry=r,
         )
         self.ec2_duration = Histogram(
-            f"{PREFIX}ec2_request_duration_seconds", "EC2 API call latency by action.",
-            ("action",), buckets=EC2_BUCKETS, registry=r,
+            f"{PREFIX}ec2_request_duration_seconds",
+            "EC2 API call latency by action.",
+            ("action",),
+            buckets=EC2_BUCKETS,
+            registry=r,
         )
         self.eni_attach_duration = Histogram(
             f"{PREFIX}eni_attach_duration_seconds",
             "From CreateNetworkInterface to the ENI's link being usable on the node.",
-            buckets=ENI_ATTACH_BUCKETS, registry=r,
+            buckets=ENI_ATTACH_BUCKETS,
+            registry=r,
         )
         self.gc_runs = Counter(f"{PREFIX}gc_runs", "Garbage collection passes.", registry=r)
         self.gc_collected = Counter(
-            f"{PREFIX}gc_collected", "Leaked objects removed by GC, by kind (veth, allocation...).",
-            ("kind",), registry=r,
+            f"{PREFIX}gc_collected",
+            "Leaked objects removed by GC, by kind (veth, allocation...).",
+            ("kind",),
+            registry=r,
         )
         self.gc_repairs = Counter(
-            f"{PREFIX}gc_repairs", "Objects GC put back in order, by kind (route, rule...).",
-            ("kind",), registry=r,
+            f"{PREFIX}gc_repairs",
+            "Objects GC put back in order, by kind (route, rule...).",
+            ("kind",),
+            registry=r,
         )
         self.snat_reconciles = Counter(
-            f"{PREFIX}snat_reconciles", "SNAT ruleset reconciles by backend and result.",
-            ("backend", "result"), registry=r,
+            f"{PREFIX}snat_reconciles",
+            "SNAT ruleset reconciles by backend and result.",
+            ("backend", "result"),
+            registry=r,
         )
         self.snat_duration = Histogram(
-            f"{PREFIX}snat_reconcile_duration_seconds", "Time to reconcile the SNAT ruleset.",
-            ("backend",), buckets=SNAT_BUCKETS, registry=r,
+            f"{PREFIX}snat_reconcile_duration_seconds",
+            "Time to reconcile the SNAT ruleset.",
+            ("backend",),
+            buckets=SNAT_BUCKETS,
+            registry=r,
         )
         self.netlink_events = Counter(
-            f"{PREFIX}netlink_events", "Netlink events received, by type (link, addr, route...).",
-            ("type",), registry=r,
+            f"{PREFIX}netlink_events",
+            "Netlink events received, by type (link, addr, route...).",
+            ("type",),
+            registry=r,
         )
         self.allocations = Gauge(
             f"{PREFIX}allocations", "Pod attachments the agent holds an address for.", registry=r

@@ -225,7 +225,7 @@ def remove_all() -> list[str]:
     removed = []
     for pref in ("nftables", "iptables"):
         try:
-            backend = choose_backend(pref)  # type: ignore[arg-type]
+            backend = choose_backend(pref)
             backend.remove()
             backend.close()
             removed.append(backend.kind)

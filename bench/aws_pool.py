@@ -154,7 +154,8 @@ def main() -> int:
     for k in ("min", "p50", "p95", "max"):
         print(f"{'ADD ' + k + ' (ms), warm pool':<34}{a[k]:>8.1f}{s[k]:>9.1f}")
     print(
-        f"{'empty pool -> 30 pods, 100 ms/call':<34}{results['empty_to_30_pods_s_at_100ms_per_call']:>7.2f}s"
+        f"{'empty pool -> 30 pods, 100 ms/call':<34}"
+        f"{results['empty_to_30_pods_s_at_100ms_per_call']:>7.2f}s"
     )
     print(
         f"{'EC2 calls per pod, 0->100->0':<34}{results['churn_ec2_calls_per_pod']:>8.2f}"

@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,27 @@ class Plugin:
         self.cni_path = cni_path
 
     def run(self, command: str, pod: Netns) -> float:
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": pod.name, "CNI_NETNS": pod.path,
-               "CNI_IFNAME": "eth0", "CNI_ARGS": "", "CNI_PATH": self.cni_path,
-               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": pod.name,
+            "CNI_NETNS": pod.path,
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": "",
+            "CNI_PATH": self.cni_path,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        }
         start = time.perf_counter()
-        proc = subprocess.run(["nsenter", f"--net={self.node.path}", "--", str(self.binary)],
-                              env=env, input=self.conf, capture_output=True)
+        proc = subprocess.run(
+            ["nsenter", f"--net={self.node.path}", "--", str(self.binary)],
+            env=env,
+            input=self.conf,
+            capture_output=True,
+        )
         elapsed = (time.perf_counter() - start) * 1000
         if proc.returncode != 0:
-            raise RuntimeError(f"{self.binary.name} {command} failed: {proc.stdout!r} {proc.stderr!r}")
+            raise RuntimeError(
+                f"{self.binary.name} {command} failed: {proc.stdout!r} {proc.stderr!r}"
+            )
         return elapsed
 
 
@@ -126,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         node.start()
         ours = Plugin(node.netns, node.bin_dir / "podwire", node.plugin_conf(), str(node.bin_dir))
-        ref_conf = {"cniVersion": "1.0.0", "name": "ref", "type": "ptp", "ipMasq": False, "mtu": 1500,
-                    "ipam": {"type": "host-local", "subnet": "10.88.0.0/21", "dataDir": str(ref_dir)}}
+        ref_conf = {
+            "cniVersion": "1.0.0",
+            "name": "ref",
+            "type": "ptp",
+            "ipMasq": False,
+            "mtu": 1500,
+            "ipam": {"type": "host-local", "subnet": "10.88.0.0/21", "dataDir": str(ref_dir)},
+        }
         ref = Plugin(node.netns, Path("/usr/lib/cni/ptp"), ref_conf, "/usr/lib/cni")
         # warm both (page cache, first-exec costs) before measuring
         for plugin in (ours, ref):
@@ -144,13 +161,35 @@ def main(argv: list[str] | None = None) -> int:
     p, r = results["podwire"], results["reference"]
     lines = [
         f"{'':<28}{'podwire':>10}{'ptp+h-local':>12}{'ratio':>10}   target",
-        *(row(f"ADD {k} (ms)", p["add_ms"][k], r["add_ms"][k], "<= 1.0x at p50" if k == "p50" else "")
-          for k in ("min", "p50", "p95", "max")),
-        *(row(f"DEL {k} (ms)", p["del_ms"][k], r["del_ms"][k], "<= 0.5x at p50" if k == "p50" else "")
-          for k in ("min", "p50", "p95", "max")),
-        *(row(f"{args.pods} ADDs, {w} parallel (ms)", p[f"parallel_{w}_ms"], r[f"parallel_{w}_ms"], "<= 0.8x")
-          for w in parallel),
-        f"{'agent RSS at %d pods' % args.rss_pods:<28}{results['agent_rss_mib']:>9.1f} MiB{'':>12}   <= 60 MiB",
+        *(
+            row(
+                f"ADD {k} (ms)",
+                p["add_ms"][k],
+                r["add_ms"][k],
+                "<= 1.0x at p50" if k == "p50" else "",
+            )
+            for k in ("min", "p50", "p95", "max")
+        ),
+        *(
+            row(
+                f"DEL {k} (ms)",
+                p["del_ms"][k],
+                r["del_ms"][k],
+                "<= 0.5x at p50" if k == "p50" else "",
+            )
+            for k in ("min", "p50", "p95", "max")
+        ),
+        *(
+            row(
+                f"{args.pods} ADDs, {w} parallel (ms)",
+                p[f"parallel_{w}_ms"],
+                r[f"parallel_{w}_ms"],
+                "<= 0.8x",
+            )
+            for w in parallel
+        ),
+        f"{f'agent RSS at {args.rss_pods} pods':<28}{results['agent_rss_mib']:>9.1f} MiB"
+        f"{'':>12}   <= 60 MiB",
     ]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)

@@ -58,8 +58,11 @@ async def churn(pods: int, window: float) -> dict[str, float]:
             async for item in items:
                 if isinstance(item, Batch):
                     routes += sum(
-                        isinstance(e, RouteEvent) and e.kind == "new" and e.prefixlen == 32
-                        and e.table == 254 for e in item.events
+                        isinstance(e, RouteEvent)
+                        and e.kind == "new"
+                        and e.prefixlen == 32
+                        and e.table == 254
+                        for e in item.events
                     )
                 if routes >= pods:
                     break
@@ -67,8 +70,10 @@ async def churn(pods: int, window: float) -> dict[str, float]:
             async for item in items:
                 if isinstance(item, Batch):
                     gone += sum(
-                        isinstance(e, LinkEvent) and e.kind == "del"
-                        and e.name.startswith("pwvbench") for e in item.events
+                        isinstance(e, LinkEvent)
+                        and e.kind == "del"
+                        and e.name.startswith("pwvbench")
+                        for e in item.events
                     )
                 if gone >= pods:
                     break

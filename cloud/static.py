@@ -12,7 +12,9 @@ from ipaddress import IPv4Address, IPv4Network
 from cloud.provider import AddressBlock, NodeFacts
 
 
-def usable_hosts(cidr: IPv4Network, reserved: Iterable[IPv4Address] = ()) -> tuple[IPv4Address, ...]:
+def usable_hosts(
+    cidr: IPv4Network, reserved: Iterable[IPv4Address] = ()
+) -> tuple[IPv4Address, ...]:
     """Addresses of ``cidr`` a pod may get: never the network or broadcast address (for
     prefixes shorter than /31) nor anything ``reserved``."""
     skip = set(reserved)

@@ -13,10 +13,9 @@ VERSION is answered here. If the agent cannot be reached: STATUS answers code 50
 the spool when it starts, so a DEL is never lost and never strands a pod in Terminating.
 """
 
+import _socket
 import os
 import sys
-
-import _socket
 
 SUPPORTED = ("0.4.0", "1.0.0", "1.1.0")
 DEFAULT_SOCKET = "/run/podwire/agent.sock"
@@ -27,7 +26,7 @@ METHODS = {"ADD": b"cni.add", "DEL": b"cni.del", "CHECK": b"cni.check", "STATUS"
            "GC": b"cni.gc"}
 REPLY_PREFIX = b'{"id":1,"result":'
 
-_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", **{c: "\\u%04x" % c for c in range(0x20)}}
+_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", **{c: f"\\u{c:04x}" for c in range(0x20)}}
 
 
 def _jstr(value):
@@ -76,7 +75,7 @@ def _request(path, payload):
         try:
             s.connect(path)
         except OSError as e:
-            raise Unreachable("cannot connect to %s: %s" % (path, e.strerror or e)) from None
+            raise Unreachable(f"cannot connect to {path}: {e.strerror or e}") from None
         try:
             s.sendall(payload)
             chunks = []
@@ -105,7 +104,7 @@ def _error(conf, code, msg, details=""):
 def _spool(conf, env_json, spool_dir):
     """Record a DEL for the agent to replay at start: temp file, fsync, rename."""
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    name = "del-%d-%d" % (os.getpid(), int.from_bytes(os.urandom(6), "big"))
+    name = f"del-{os.getpid()}-{int.from_bytes(os.urandom(6), 'big')}"
     tmp = os.path.join(spool_dir, "." + name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -123,12 +122,13 @@ def run(environ, conf):
         import json
         want = _conf_str(conf, b"cniVersion")
         version = want if want in SUPPORTED else SUPPORTED[-1]
-        return 0, json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED)}).encode() + b"\n"
+        doc = {"cniVersion": version, "supportedVersions": list(SUPPORTED)}
+        return 0, json.dumps(doc).encode() + b"\n"
     method = METHODS.get(command)
     if method is None:
         if not command:
             return _error(conf, 4, "required env variables [CNI_COMMAND] missing")
-        return _error(conf, 4, "unknown CNI_COMMAND: %s" % command)
+        return _error(conf, 4, f"unknown CNI_COMMAND: {command}")
     env_json = b"{" + b",".join(
         _jstr(k) + b":" + _jstr(environ[k]) for k in ENV_KEYS if environ.get(k)
     ) + b"}"
@@ -136,7 +136,10 @@ def run(environ, conf):
     flat = conf.replace(b"\r", b" ").replace(b"\n", b" ").strip()
     if not flat.startswith(b"{"):
         return _error(conf, 6, "invalid network configuration", "stdin must hold a JSON object")
-    payload = b'{"id":1,"method":"' + method + b'","params":{"env":' + env_json + b',"config":' + flat + b"}}\n"
+    payload = (
+        b'{"id":1,"method":"' + method + b'","params":{"env":' + env_json
+        + b',"config":' + flat + b"}}\n"
+    )
     path = _conf_str(conf, b"agentSocket") or DEFAULT_SOCKET
     try:
         reply = _request(path, payload)
@@ -146,7 +149,7 @@ def run(environ, conf):
                 _spool(conf, env_json, _conf_str(conf, b"spoolDir") or DEFAULT_SPOOL)
             except OSError as spool_err:
                 return _error(conf, 5, "agent unreachable and DEL could not be spooled",
-                              "%s; %s" % (e, spool_err))
+                              f"{e}; {spool_err}")
             return 0, b""
         if command == "STATUS":
             return _error(conf, 50, "podwire-agent is not reachable", str(e))
@@ -159,7 +162,8 @@ def run(environ, conf):
         err = json.loads(reply)["error"]
         return _error(conf, int(err["code"]), str(err["msg"]), str(err.get("details", "")))
     except (ValueError, KeyError, TypeError):
-        return _error(conf, 999, "malformed reply from podwire-agent", reply[:200].decode("utf-8", "replace"))
+        excerpt = reply[:200].decode("utf-8", "replace")
+        return _error(conf, 999, "malformed reply from podwire-agent", excerpt)
 
 
 def main():

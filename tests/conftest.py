@@ -32,4 +32,3 @@ def make_netns() -> Iterator[Callable[[str], Netns]]:
     finally:
         for ns in reversed(made):
             ns.close()
-

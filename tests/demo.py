@@ -87,7 +87,8 @@ def aws_demo() -> int:
         try:
             subnet = vpc.add_subnet("10.0.0.0/20")
             print(
-                f"  EC2 API at {vpc.ec2_url}, subnet {subnet.id} {subnet.cidr}, internet at 203.0.113.10"
+                f"  EC2 API at {vpc.ec2_url}, subnet {subnet.id} {subnet.cidr}, "
+                "internet at 203.0.113.10"
             )
             step(
                 "Launching two m5.large nodes (3 ENIs x 10 IPs each) and starting podwire-agent on "
@@ -133,7 +134,8 @@ def aws_demo() -> int:
                         if e["eni"] not in known:
                             known.add(e["eni"])
                             print(
-                                f"    after {j + 1} pods: ENI {e['eni']} attached as eth{e['device']} "
+                                f"    after {j + 1} pods: ENI {e['eni']} attached as "
+                                f"eth{e['device']} "
                                 f"(route table {e['table']}, {len(e['ips'])} IPs joined the pool)",
                                 flush=True,
                             )
@@ -193,7 +195,8 @@ def aws_demo() -> int:
 
 def static_demo() -> int:
     step(
-        "A namespace plays the node; podwire-agent runs in it with the static provider (10.77.0.0/24)"
+        "A namespace plays the node; podwire-agent runs in it with the static provider "
+        "(10.77.0.0/24)"
     )
     node = Node(cidrs=("10.77.0.0/24",), tag="demo")
     failures = 0

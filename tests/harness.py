@@ -47,7 +47,8 @@ class CniResult:
         return str(self.doc["ips"][0]["address"]).split("/")[0]
 
     def __repr__(self) -> str:
-        return f"CniResult(code={self.code}, stdout={self.stdout[:300]!r}, stderr={self.stderr[:300]!r})"
+        out, err = self.stdout[:300], self.stderr[:300]
+        return f"CniResult(code={self.code}, stdout={out!r}, stderr={err!r})"
 
 
 class Node:

@@ -55,7 +55,9 @@ def test_pods_talk_to_each_other_and_to_the_node(node: Node) -> None:
     assert ping(node.netns, ips[1]) and ping(pods[1], node.primary_ip)
     # the pod's view is the recipe: /32, link route to the gateway, default via it
     routes = pods[0].run("ip", "route").stdout
-    assert "default via 169.254.1.1 dev eth0" in routes and "169.254.1.1 dev eth0 scope link" in routes
+    assert (
+        "default via 169.254.1.1 dev eth0" in routes and "169.254.1.1 dev eth0 scope link" in routes
+    )
     assert "PERMANENT" in pods[0].run("ip", "neigh").stdout
     for p in pods:
         assert node.delete(p).code == 0
@@ -146,8 +148,13 @@ BAD_ENV = [
 @pytest.mark.parametrize(("case", "env", "code"), BAD_ENV, ids=[c[0] for c in BAD_ENV])
 def test_bad_env(node: Node, case: str, env: dict[str, str], code: int) -> None:
     pod = node.new_pod()
-    base = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod.name, "CNI_NETNS": pod.path,
-            "CNI_IFNAME": "eth0", "CNI_PATH": str(node.bin_dir)}
+    base = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": pod.name,
+        "CNI_NETNS": pod.path,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(node.bin_dir),
+    }
     before = allocated(node)
     r = node.cni("ADD", env={**base, **env})
     assert r.code == 1 and r.doc["code"] == code, r
@@ -185,7 +192,10 @@ def test_bad_config(node: Node, case: str, conf: dict[str, object] | bytes, code
 def test_version_is_answered_locally(node: Node) -> None:
     for version in ("0.4.0", "1.0.0", "1.1.0"):
         r = node.cni("VERSION", conf={"cniVersion": version})
-        assert r.code == 0 and r.doc == {"cniVersion": version, "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+        assert r.code == 0 and r.doc == {
+            "cniVersion": version,
+            "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"],
+        }
 
 
 def test_result_versions(node: Node) -> None:
@@ -200,7 +210,9 @@ def test_result_versions(node: Node) -> None:
 def test_gc_and_status_through_the_plugin(node: Node) -> None:
     keep, drop = node.new_pod(), node.new_pod()
     assert node.add(keep).code == 0 and node.add(drop).code == 0
-    conf = node.plugin_conf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": keep.name, "ifname": "eth0"}]})
+    conf = node.plugin_conf(
+        "1.1.0", **{"cni.dev/valid-attachments": [{"containerID": keep.name, "ifname": "eth0"}]}
+    )
     r = node.cni("GC", conf=conf)
     assert (r.code, r.stdout) == (0, b"")
     pods = allocated(node)
@@ -288,15 +300,23 @@ def test_chained_portmap_and_bandwidth_consume_our_result() -> None:
         pytest.skip("containernetworking-plugins not installed")
     with running_node(chain=("portmap", "bandwidth"), tag="chain") as node:
         pod = node.new_pod()
-        runtime = {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
-                   "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000}}
+        runtime = {
+            "portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 1_000_000},
+        }
         prev = None
         plugins = node.conflist["plugins"]
         for plugin in plugins:
-            conf = {"cniVersion": node.conflist["cniVersion"], "name": node.conflist["name"], **plugin}
+            conf = {
+                "cniVersion": node.conflist["cniVersion"],
+                "name": node.conflist["name"],
+                **plugin,
+            }
             if prev is not None:
                 conf["prevResult"] = prev
-            conf["runtimeConfig"] = {k: v for k, v in runtime.items() if plugin.get("capabilities", {}).get(k)}
+            conf["runtimeConfig"] = {
+                k: v for k, v in runtime.items() if plugin.get("capabilities", {}).get(k)
+            }
             r = node.cni("ADD", pod.name, pod.path, conf=conf, plugin=plugin["type"])
             assert r.code == 0, (plugin["type"], r)
             prev = r.doc
@@ -305,11 +325,19 @@ def test_chained_portmap_and_bandwidth_consume_our_result() -> None:
         nat = node.netns.run("iptables-save", "-t", "nat").stdout
         assert "18080" in nat and ip in nat  # portmap used our address
         host_veth = prev["interfaces"][0]["name"]
-        assert "tbf" in node.netns.run("tc", "qdisc", "show", "dev", host_veth).stdout  # bandwidth found our host veth
+        assert (
+            "tbf" in node.netns.run("tc", "qdisc", "show", "dev", host_veth).stdout
+        )  # bandwidth found our host veth
         for plugin in reversed(plugins):
-            conf = {"cniVersion": node.conflist["cniVersion"], "name": node.conflist["name"], **plugin,
-                    "prevResult": prev,
-                    "runtimeConfig": {k: v for k, v in runtime.items() if plugin.get("capabilities", {}).get(k)}}
+            conf = {
+                "cniVersion": node.conflist["cniVersion"],
+                "name": node.conflist["name"],
+                **plugin,
+                "prevResult": prev,
+                "runtimeConfig": {
+                    k: v for k, v in runtime.items() if plugin.get("capabilities", {}).get(k)
+                },
+            }
             r = node.cni("DEL", pod.name, pod.path, conf=conf, plugin=plugin["type"])
             assert r.code == 0, (plugin["type"], r)
         assert "18080" not in node.netns.run("iptables-save", "-t", "nat").stdout

@@ -49,8 +49,11 @@ def test_json_everywhere(node: Node) -> None:
 
 
 def test_events_follow_streams_what_happens(node: Node) -> None:
-    follow = subprocess.Popen([AGENTCTL, "--socket", node.socket, "events", "--follow", "--json"],
-                              stdout=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [AGENTCTL, "--socket", node.socket, "events", "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert follow.stdout is not None
         first = json.loads(follow.stdout.readline())  # replayed history comes first
@@ -74,12 +77,20 @@ def test_events_follow_streams_what_happens(node: Node) -> None:
 
 
 def test_unreachable_agent_and_bad_socket(tmp_path: Path) -> None:
-    missing = subprocess.run([AGENTCTL, "--socket", str(tmp_path / "none.sock"), "status"],
-                             capture_output=True, text=True)
-    assert missing.returncode == 3 and "unreachable" in missing.stderr and "none.sock" in missing.stderr
+    missing = subprocess.run(
+        [AGENTCTL, "--socket", str(tmp_path / "none.sock"), "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        missing.returncode == 3
+        and "unreachable" in missing.stderr
+        and "none.sock" in missing.stderr
+    )
     (tmp_path / "file.sock").write_text("")
-    not_socket = subprocess.run([AGENTCTL, "--socket", str(tmp_path / "file.sock"), "pods"],
-                                capture_output=True, text=True)
+    not_socket = subprocess.run(
+        [AGENTCTL, "--socket", str(tmp_path / "file.sock"), "pods"], capture_output=True, text=True
+    )
     assert not_socket.returncode == 3 and not_socket.stdout == ""
     usage = subprocess.run([AGENTCTL, "frobnicate"], capture_output=True, text=True)
     assert usage.returncode == 2
@@ -87,7 +98,9 @@ def test_unreachable_agent_and_bad_socket(tmp_path: Path) -> None:
 
 def test_health_endpoints_and_agentctl_health(node: Node) -> None:
     base = node.health_url
-    live = node.netns.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/healthz", check=False)
+    live = node.netns.run(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/healthz", check=False
+    )
     ready = node.netns.run("curl", "-s", f"{base}/readyz", check=False)
     assert live.stdout == "200"
     assert json.loads(ready.stdout)["ready"] is True
@@ -101,7 +114,11 @@ def test_metrics_move_with_traffic(node: Node) -> None:
         text = node.ctl("metrics").stdout
         total = 0.0
         for line in text.splitlines():
-            if line.startswith('podwire_cni_requests_total{') and 'verb="ADD"' in line and 'code="0"' in line:
+            if (
+                line.startswith("podwire_cni_requests_total{")
+                and 'verb="ADD"' in line
+                and 'code="0"' in line
+            ):
                 total += float(line.split()[-1])
         return total
 

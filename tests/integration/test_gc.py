@@ -65,8 +65,13 @@ class Rig:
     def req(
         self, command: str, ns: Netns, cid: str | None = None, ifname: str = "eth0"
     ) -> CniRequest:
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid or ns.name, "CNI_NETNS": ns.path,
-               "CNI_IFNAME": ifname, "CNI_PATH": "/opt/cni/bin"}
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": cid or ns.name,
+            "CNI_NETNS": ns.path,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": "/opt/cni/bin",
+        }
         return validate(env, {"cniVersion": "1.0.0", "name": "podwire", "type": "podwire"})
 
     async def add(self, ns: Netns, cid: str | None = None, ifname: str = "eth0") -> str:
@@ -104,8 +109,9 @@ async def rig(
         clock=(lambda: t[0]) if manual_clock else anyio.current_time,
     )
     watcher = Watcher(netns=node.path)
-    gc = GcService(cni, KernelGc(threaded, watcher.dump_rules), policy=policy,
-                   interval=interval, jitter=0.5)
+    gc = GcService(
+        cni, KernelGc(threaded, watcher.dump_rules), policy=policy, interval=interval, jitter=0.5
+    )
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(watcher.serve)
@@ -257,8 +263,12 @@ async def test_an_unheld_pod_netns_is_torn_down_and_unmounted_when_configured(
             assert set(r.cni.allocations) == {r.req("ADD", kept).key}
             assert r.cni.pool.holder(IPv4Address(orphan_ip)) is None
             assert pings(node, kept_ip)
-            assert kept.path in subprocess.run(["findmnt", "-rn", "-o", "TARGET"],
-                                               capture_output=True, text=True).stdout
+            assert (
+                kept.path
+                in subprocess.run(
+                    ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True
+                ).stdout
+            )
         finally:
             for p in holders:
                 p.kill()
@@ -272,8 +282,9 @@ async def test_gc_in_a_loop_during_add_del_churn_collects_nothing_live(
     # As aggressive as it gets: no grace at all, a look every 10 ms. Only the in-flight skip
     # and the re-checks under the key locks stand between GC and a live pod.
     policy = GcPolicy(missing_grace=0.0, orphan_grace=None)
-    async with rig(node, tmp_path, ips=ips, policy=policy, manual_clock=False,
-                   cooldown=0.0, interval=0.01) as r:
+    async with rig(
+        node, tmp_path, ips=ips, policy=policy, manual_clock=False, cooldown=0.0, interval=0.01
+    ) as r:
         live = [make_netns(f"gcl{i}") for i in range(20)]
         # A fresh namespace per sandbox, as runtimes do: 8 workers x 12 ADD/DEL rounds + 1 ADD.
         sandboxes = [[make_netns(f"gcc{w}x{k}") for k in range(13)] for w in range(8)]
@@ -301,7 +312,6 @@ async def test_gc_in_a_loop_during_add_del_churn_collects_nothing_live(
         assert r.gc.totals.runs > 10 and r.gc.totals.released == 0
         assert len(r.cni.allocations) == len(live) + len(sandboxes)
         for a in r.cni.allocations.values():
-            pod = PodNet(netns=a.netns, ifname=a.ifname, host_veth=a.host_veth, ip=a.ip,
-                         mtu=1500)
+            pod = PodNet(netns=a.netns, ifname=a.ifname, host_veth=a.host_veth, ip=a.ip, mtu=1500)
             assert await anyio.to_thread.run_sync(r.dp.check, pod) == [], a.key
             assert pings(node, str(a.ip)), a.key

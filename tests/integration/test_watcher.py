@@ -82,34 +82,54 @@ async def until(
 async def test_links_addresses_routes_and_rules_are_reported(make_netns: MakeNetns) -> None:
     ns = make_netns("watch")
     async with watching(ns) as (_, items):
-        await ip(ns, "link", "add", "pwvtest0", "address", "02:aa:00:00:00:01", "type", "veth",
-                 "peer", "name", "peer0")
+        await ip(
+            ns,
+            "link",
+            "add",
+            "pwvtest0",
+            "address",
+            "02:aa:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+        )
         e, _ = await until(items, lambda e: isinstance(e, LinkEvent) and e.name == "pwvtest0")
         assert isinstance(e, LinkEvent)
         assert (e.kind, e.mac, e.up, e.kind_of_link) == ("new", "02:aa:00:00:00:01", False, "veth")
 
         await ip(ns, "link", "set", "peer0", "up")
         await ip(ns, "link", "set", "pwvtest0", "up")
-        e, _ = await until(items, lambda e: isinstance(e, LinkEvent) and e.name == "pwvtest0"
-                           and e.up)
+        e, _ = await until(
+            items, lambda e: isinstance(e, LinkEvent) and e.name == "pwvtest0" and e.up
+        )
         index = e.index  # type: ignore[union-attr]
 
         await ip(ns, "addr", "add", "10.1.0.1/24", "dev", "pwvtest0")
         e, _ = await until(items, lambda e: isinstance(e, AddrEvent))
-        assert e == AddrEvent(kind="new", index=index, address=IPv4Address("10.1.0.1"),
-                              prefixlen=24, label="pwvtest0")
+        assert e == AddrEvent(
+            kind="new", index=index, address=IPv4Address("10.1.0.1"), prefixlen=24, label="pwvtest0"
+        )
 
-        await ip(ns, "route", "add", "10.2.0.0/16", "via", "10.1.0.9", "dev", "pwvtest0",
-                 "table", "100")
+        await ip(
+            ns, "route", "add", "10.2.0.0/16", "via", "10.1.0.9", "dev", "pwvtest0", "table", "100"
+        )
         e, _ = await until(items, lambda e: isinstance(e, RouteEvent) and e.table == 100)
         assert isinstance(e, RouteEvent)
         assert (e.kind, e.dst, e.prefixlen, e.oif, e.gateway) == (
-            "new", IPv4Address("10.2.0.0"), 16, index, IPv4Address("10.1.0.9"))
+            "new",
+            IPv4Address("10.2.0.0"),
+            16,
+            index,
+            IPv4Address("10.1.0.9"),
+        )
 
         await ip(ns, "rule", "add", "from", "10.3.0.4", "lookup", "100", "priority", "1536")
         e, _ = await until(items, lambda e: isinstance(e, RuleEvent))
-        assert e == RuleEvent(kind="new", priority=1536, table=100, src=IPv4Address("10.3.0.4"),
-                              src_len=32)
+        assert e == RuleEvent(
+            kind="new", priority=1536, table=100, src=IPv4Address("10.3.0.4"), src_len=32
+        )
         await ip(ns, "rule", "add", "fwmark", "0x80/0x80", "lookup", "main", "priority", "1024")
         e, _ = await until(items, lambda e: isinstance(e, RuleEvent) and e.priority == 1024)
         assert isinstance(e, RuleEvent)
@@ -124,8 +144,9 @@ async def test_links_addresses_routes_and_rules_are_reported(make_netns: MakeNet
         assert isinstance(e, RouteEvent) and e.table == 100
 
         await ip(ns, "link", "del", "pwvtest0")
-        e, _ = await until(items, lambda e: isinstance(e, LinkEvent) and e.kind == "del"
-                           and e.name == "pwvtest0")
+        e, _ = await until(
+            items, lambda e: isinstance(e, LinkEvent) and e.kind == "del" and e.name == "pwvtest0"
+        )
         assert isinstance(e, LinkEvent) and e.index == index
 
 
@@ -136,8 +157,11 @@ async def test_three_hundred_veths_deleted_at_once_come_in_a_few_batches(
     names = [f"pwvburst{i:04d}" for i in range(300)]
     async with watching(node, window=0.03) as (_, items):
         await ip_batch(
-            node, [f"link add {n} type veth peer name p{i} netns {peers.name}"
-                   for i, n in enumerate(names)]
+            node,
+            [
+                f"link add {n} type veth peer name p{i} netns {peers.name}"
+                for i, n in enumerate(names)
+            ],
         )
         # Deleting the namespace that holds the peers deletes all 300 pairs in one go.
         await anyio.run_process(["ip", "netns", "del", peers.name])
@@ -163,9 +187,11 @@ async def test_overrun_delivers_a_resync_with_the_truth(make_netns: MakeNetns) -
         # Blocking the event loop on purpose: the watcher cannot read while the kernel floods
         # its small buffer, so notifications are dropped and ENOBUFS is reported.
         subprocess.run(
-            ["ip", "-n", ns.name, "-batch", "-"], check=True,
-            input="\n".join(f"link add {n} type veth peer name q{i}"
-                            for i, n in enumerate(names)).encode(),
+            ["ip", "-n", ns.name, "-batch", "-"],
+            check=True,
+            input="\n".join(
+                f"link add {n} type veth peer name q{i}" for i, n in enumerate(names)
+            ).encode(),
         )
         resync = None
         with anyio.fail_after(WAIT):
@@ -177,7 +203,8 @@ async def test_overrun_delivers_a_resync_with_the_truth(make_netns: MakeNetns) -
         assert watcher.overruns >= 1
         assert {link.name for link in resync.links} >= set(names)
         assert {link.name for link in resync.links if link.kind_of_link == "veth"} == (
-            set(names) | {f"q{i}" for i in range(200)})
+            set(names) | {f"q{i}" for i in range(200)}
+        )
         assert all(link.kind == "new" for link in resync.links)
 
 
@@ -186,8 +213,19 @@ async def test_wait_link_finds_a_link_made_before_or_after_and_times_out_otherwi
 ) -> None:
     ns = make_netns("watchmac")
     async with watching(ns) as (watcher, _):
-        await ip(ns, "link", "add", "before", "address", "02:bb:00:00:00:01", "type", "veth",
-                 "peer", "name", "before1")
+        await ip(
+            ns,
+            "link",
+            "add",
+            "before",
+            "address",
+            "02:bb:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "before1",
+        )
         found = await watcher.wait_link(mac="02:BB:00:00:00:01", timeout=WAIT)
         assert found.name == "before"
 
@@ -201,8 +239,19 @@ async def test_wait_link_finds_a_link_made_before_or_after_and_times_out_otherwi
             with anyio.fail_after(WAIT):
                 while not watcher._waiters:  # registered and looking: the link comes later
                     await anyio.sleep(0.01)
-            await ip(ns, "link", "add", "after", "address", "02:bb:00:00:00:02", "type", "veth",
-                     "peer", "name", "after1")
+            await ip(
+                ns,
+                "link",
+                "add",
+                "after",
+                "address",
+                "02:bb:00:00:00:02",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "after1",
+            )
         assert result[0].name == "after"
 
         with pytest.raises(LinkWaitTimedOut) as info:

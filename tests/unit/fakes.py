@@ -42,8 +42,12 @@ class FakeDatapath:
             raise NetlinkError(f"{pod.host_veth} exists")
         self.pods[pod.host_veth] = pod
         self.routes.add(pod.host_veth)
-        return WiredPod(pod_mac=self._mac(pod.host_veth, 1), host_mac=self._mac(pod.host_veth, 2),
-                        pod_ifindex=2, host_ifindex=10)
+        return WiredPod(
+            pod_mac=self._mac(pod.host_veth, 1),
+            host_mac=self._mac(pod.host_veth, 2),
+            pod_ifindex=2,
+            host_ifindex=10,
+        )
 
     async def check(self, pod: PodNet) -> list[str]:
         if pod.netns not in self.netns:

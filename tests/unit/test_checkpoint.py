@@ -19,18 +19,30 @@ from agent.checkpoint import (
 )
 
 A = Allocation(
-    network="podwire", container_id="c1", ifname="eth0", ip=IPv4Address("10.0.1.5"),
-    netns="/run/netns/p1", host_veth="pwv0123456789ab", owner="10.0.1.0/24", table=None,
-    pod_namespace="default", pod_name="web", created_at=1700000000.0,
+    network="podwire",
+    container_id="c1",
+    ifname="eth0",
+    ip=IPv4Address("10.0.1.5"),
+    netns="/run/netns/p1",
+    host_veth="pwv0123456789ab",
+    owner="10.0.1.0/24",
+    table=None,
+    pod_namespace="default",
+    pod_name="web",
+    created_at=1700000000.0,
 )
 
 
 def test_round_trip() -> None:
-    snap = Snapshot(allocations=(A,), cooling=(CoolingEntry(ip=IPv4Address("10.0.1.9"), released_at=5.0),))
+    snap = Snapshot(
+        allocations=(A,), cooling=(CoolingEntry(ip=IPv4Address("10.0.1.9"), released_at=5.0),)
+    )
     assert decode(encode(snap)) == snap
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b"[]", b'{"version": 99}', b'{"version":1,"allocations":[{"ip":"x"}]}'])
+@pytest.mark.parametrize(
+    "data", [b"", b"{", b"[]", b'{"version": 99}', b'{"version":1,"allocations":[{"ip":"x"}]}']
+)
 def test_corrupt_is_refused(data: bytes) -> None:
     with pytest.raises(CheckpointCorrupt):
         decode(data)

@@ -25,17 +25,30 @@ CONF = {"cniVersion": "1.0.0", "name": "podwire", "type": "podwire"}
 
 
 def req(command: str, cid: str, netns: str = "/run/netns/p", **conf: object) -> CniRequest:
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
-           "CNI_PATH": "/opt/cni/bin"}
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin",
+    }
     return validate(env, {**CONF, **conf})
 
 
-def service(tmp_path: Path, cidr: str = "10.0.1.0/28", cooldown: float = 30.0) -> tuple[CniService, FakeDatapath]:
+def service(
+    tmp_path: Path, cidr: str = "10.0.1.0/28", cooldown: float = 30.0
+) -> tuple[CniService, FakeDatapath]:
     dp = FakeDatapath()
     dp.netns.add("/run/netns/p")
     provider = FakeProvider([AddressBlock(owner=cidr, ips=usable_hosts(IPv4Network(cidr)))])
-    svc = CniService(pool=IpPool(cooldown=cooldown), datapath=dp, provider=provider,
-                     checkpoint_path=tmp_path / "state.json", mtu=1500, add_wait=0.0)
+    svc = CniService(
+        pool=IpPool(cooldown=cooldown),
+        datapath=dp,
+        provider=provider,
+        checkpoint_path=tmp_path / "state.json",
+        mtu=1500,
+        add_wait=0.0,
+    )
     return svc, dp
 
 
@@ -70,7 +83,7 @@ async def test_add_then_del(paths: Path) -> None:
 
 @pytest.mark.anyio
 async def test_add_same_key_twice_keeps_one_address(paths: Path) -> None:
-    svc, dp = service(paths)
+    svc, _ = service(paths)
     async with anyio.create_task_group() as tg:
         await tg.start(svc.run)
         await svc.restore(Snapshot())
@@ -83,7 +96,7 @@ async def test_add_same_key_twice_keeps_one_address(paths: Path) -> None:
 
 @pytest.mark.anyio
 async def test_failed_add_undoes_itself(paths: Path) -> None:
-    svc, dp = service(paths)
+    svc, _ = service(paths)
     await svc.restore(Snapshot())
     with pytest.raises(NetnsNotFound):
         await svc.add(req("ADD", "c1", netns="/run/netns/gone"))
@@ -133,7 +146,9 @@ async def test_exhausted_pool_answers_11_at_once_and_cooldown_is_exact(
 
 
 @pytest.mark.trio
-async def test_wire_deadline_is_exact_and_undone(paths: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_wire_deadline_is_exact_and_undone(
+    paths: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     svc, dp = service(paths)
     await svc.restore(Snapshot())
     dp.wire_delay = 60.0
@@ -185,10 +200,17 @@ async def test_gc_releases_what_is_not_valid(paths: Path) -> None:
     await svc.restore(Snapshot())
     for i in range(4):
         await svc.add(req("ADD", f"c{i}"))
-    gc = validate({"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"},
-                  {**CONF, "cniVersion": "1.1.0",
-                   "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"},
-                                                 {"containerID": "c3", "ifname": "eth0"}]})
+    gc = validate(
+        {"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"},
+        {
+            **CONF,
+            "cniVersion": "1.1.0",
+            "cni.dev/valid-attachments": [
+                {"containerID": "c1", "ifname": "eth0"},
+                {"containerID": "c3", "ifname": "eth0"},
+            ],
+        },
+    )
     released = await svc.gc(gc)
     assert sorted(a.container_id for a in released) == ["c0", "c2"]
     assert on_disk(svc) == {"c1", "c3"} and svc.pool.cooling == 2
@@ -212,12 +234,33 @@ async def test_status(paths: Path) -> None:
 @pytest.mark.anyio
 async def test_restore_keeps_live_pods_and_drops_dead_ones(paths: Path) -> None:
     svc, dp = service(paths)
-    live = Allocation(network="podwire", container_id="live", ifname="eth0", ip=IPv4Address("10.0.1.7"),
-                      netns="/run/netns/p", host_veth=host_veth_name("podwire", "live", "eth0"), owner="10.0.1.0/28")
-    dead = Allocation(network="podwire", container_id="dead", ifname="eth0", ip=IPv4Address("10.0.1.8"),
-                      netns="/run/netns/q", host_veth=host_veth_name("podwire", "dead", "eth0"), owner="10.0.1.0/28")
-    gone = Allocation(network="podwire", container_id="gone", ifname="eth0", ip=IPv4Address("192.0.2.1"),
-                      netns="/run/netns/r", host_veth="pwvffffffffffff", owner="old")
+    live = Allocation(
+        network="podwire",
+        container_id="live",
+        ifname="eth0",
+        ip=IPv4Address("10.0.1.7"),
+        netns="/run/netns/p",
+        host_veth=host_veth_name("podwire", "live", "eth0"),
+        owner="10.0.1.0/28",
+    )
+    dead = Allocation(
+        network="podwire",
+        container_id="dead",
+        ifname="eth0",
+        ip=IPv4Address("10.0.1.8"),
+        netns="/run/netns/q",
+        host_veth=host_veth_name("podwire", "dead", "eth0"),
+        owner="10.0.1.0/28",
+    )
+    gone = Allocation(
+        network="podwire",
+        container_id="gone",
+        ifname="eth0",
+        ip=IPv4Address("192.0.2.1"),
+        netns="/run/netns/r",
+        host_veth="pwvffffffffffff",
+        owner="old",
+    )
     for a in (live, gone):
         dp.pods[a.host_veth] = None  # type: ignore[assignment]
     dropped = await svc.restore(Snapshot(allocations=(live, dead, gone)))

@@ -110,8 +110,13 @@ def test_cni_args() -> None:
 
 
 OUT = AddOutcome(
-    ifname="eth0", netns="/run/netns/x", pod_mac="aa:bb:cc:dd:ee:01", host_veth="pwv0123456789ab",
-    host_mac="aa:bb:cc:dd:ee:02", ip=IPv4Address("10.0.1.5"), mtu=1500,
+    ifname="eth0",
+    netns="/run/netns/x",
+    pod_mac="aa:bb:cc:dd:ee:01",
+    host_veth="pwv0123456789ab",
+    host_mac="aa:bb:cc:dd:ee:02",
+    ip=IPv4Address("10.0.1.5"),
+    mtu=1500,
 )
 
 
@@ -138,7 +143,10 @@ def test_render_versions_differ_where_the_spec_does() -> None:
 
 def test_render_error_and_prev_result() -> None:
     assert render_error("1.0.0", CniError(11, "no IP", "pool empty")) == {
-        "cniVersion": "1.0.0", "code": 11, "msg": "no IP", "details": "pool empty",
+        "cniVersion": "1.0.0",
+        "code": 11,
+        "msg": "no IP",
+        "details": "pool empty",
     }
     assert prev_result_ip(render_add_result("1.0.0", OUT, None)) == IPv4Address("10.0.1.5")
     assert prev_result_ip({"ips": [{"address": "junk"}]}) is None

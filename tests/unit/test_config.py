@@ -42,11 +42,17 @@ def test_env_lists_and_defaults(tmp_path: Path) -> None:
         ('[static]\ncidrs = ["10.0.1.0/24"]\n[nope]\n', {}, "nope"),
         ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"IP_COOLDOWN_PERIOD": "soon"}, "ipam.cooldown"),
         ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"PODWIRE_PROVIDER_KIND": "gcp"}, "provider.kind"),
-        ('[static]\ncidrs = ["10.0.1.0/24"]\n', {"PODWIRE_AGENT_IP_FORWARD": "maybe"}, "agent.ip_forward"),
+        (
+            '[static]\ncidrs = ["10.0.1.0/24"]\n',
+            {"PODWIRE_AGENT_IP_FORWARD": "maybe"},
+            "agent.ip_forward",
+        ),
         ("not toml [", {}, "--config"),
     ],
 )
-def test_bad_settings_name_the_setting(tmp_path: Path, text: str, env: dict[str, str], setting: str) -> None:
+def test_bad_settings_name_the_setting(
+    tmp_path: Path, text: str, env: dict[str, str], setting: str
+) -> None:
     with pytest.raises(ConfigError) as e:
         load(write(tmp_path, text), env)
     assert e.value.setting == setting
@@ -64,9 +70,13 @@ def test_agent_stops_with_one_clear_line(tmp_path: Path) -> None:
 
     path = write(tmp_path, '[static]\ncidrs = ["10.0.1.0/24"]\n[agent]\nmtu = 70000\n')
     agent = Path(sys.executable).parent / "podwire-agent"
-    proc = subprocess.run([str(agent), "run", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [str(agent), "run", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["podwire-agent: invalid setting agent.mtu: 70000 is outside 576..65535"]
+    assert proc.stderr.strip().splitlines() == [
+        "podwire-agent: invalid setting agent.mtu: 70000 is outside 576..65535"
+    ]
 
 
 # -- [health] and [cni] -------------------------------------------------------------------------
@@ -84,8 +94,11 @@ def test_health_and_cni_defaults() -> None:
 
 
 def test_health_and_cni_from_file_and_env(tmp_path: Path) -> None:
-    path = write(tmp_path, STATIC + '[health]\naddress = "0.0.0.0"\nport = 0\n'
-                 '[cni]\ninstall = true\nchain = ["portmap", "bandwidth"]\n')
+    path = write(
+        tmp_path,
+        STATIC + '[health]\naddress = "0.0.0.0"\nport = 0\n'
+        '[cni]\ninstall = true\nchain = ["portmap", "bandwidth"]\n',
+    )
     cfg = load(path, {"PODWIRE_HEALTH_PORT": "9100", "PODWIRE_CNI_CONF_DIR": "/etc/cni/other"})
     assert (cfg.health.address, cfg.health.port) == ("0.0.0.0", 9100)
     assert cfg.cni.install is True and cfg.cni.chain == ("portmap", "bandwidth")

@@ -82,15 +82,21 @@ def test_manifests_parse_and_are_all_listed() -> None:
 
 def test_no_api_access_no_rbac() -> None:
     # The agent never reads the Kubernetes API: no roles, no token.
-    assert not {d["kind"] for d in docs()} & {"Role", "ClusterRole", "RoleBinding",
-                                              "ClusterRoleBinding"}
+    assert not {d["kind"] for d in docs()} & {
+        "Role",
+        "ClusterRole",
+        "RoleBinding",
+        "ClusterRoleBinding",
+    }
     assert kind("ServiceAccount")["automountServiceAccountToken"] is False
 
 
 def test_daemonset_scheduling(pod: dict[str, Any]) -> None:
     ds = kind("DaemonSet")
-    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"][
-        "labels"].items()
+    assert (
+        ds["spec"]["selector"]["matchLabels"].items()
+        <= ds["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert pod["hostNetwork"] is True
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
@@ -197,18 +203,31 @@ def test_systemd_unit() -> None:
     assert one("Restart") == "on-failure" and one("RestartSec")
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         caps = set(one(key).split())
-        assert {f"CAP_{c}" for c in AGENT_CAPS} <= caps <= {f"CAP_{c}" for c in AGENT_CAPS} | {
-            "CAP_CHOWN"}
+        assert (
+            {f"CAP_{c}" for c in AGENT_CAPS}
+            <= caps
+            <= {f"CAP_{c}" for c in AGENT_CAPS} | {"CAP_CHOWN"}
+        )
     assert one("NoNewPrivileges") == "yes"
     assert one("ProtectSystem") == "strict" and one("ProtectHome") == "yes"
     assert one("PrivateTmp") == "yes"
-    assert set(one("RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET",
-                                                          "AF_INET6"}
+    assert set(one("RestrictAddressFamilies").split()) == {
+        "AF_UNIX",
+        "AF_NETLINK",
+        "AF_INET",
+        "AF_INET6",
+    }
     assert one("RuntimeDirectoryPreserve") == "yes"  # the checkpoint survives a restart
     writable = one("ReadWritePaths").split()
     cfg = load(None, {"PODWIRE_STATIC_CIDRS": "10.0.1.0/24"})
-    for path in (str(PurePosixPath(cfg.agent.socket).parent), cfg.agent.state_dir,
-                 cfg.agent.spool_dir, cfg.cni.bin_dir, cfg.cni.conf_dir, "/run/netns"):
+    for path in (
+        str(PurePosixPath(cfg.agent.socket).parent),
+        cfg.agent.state_dir,
+        cfg.agent.spool_dir,
+        cfg.cni.bin_dir,
+        cfg.cni.conf_dir,
+        "/run/netns",
+    ):
         assert covered(path, writable), path
     assert one("ExecStart").split()[1:3] == ["run", "--config"]
 

@@ -187,8 +187,13 @@ def test_parse_request_head() -> None:
         "GET",
         "/readyz",
     )
-    for bad in (b"GET /healthz\r\n\r\n", b"GET healthz HTTP/1.1\r\n\r\n",
-                b"\xff / HTTP/1.1\r\n\r\n", b"G-T / HTTP/1.1\r\n\r\n", b"GET / SPDY/3\r\n\r\n"):
+    for bad in (
+        b"GET /healthz\r\n\r\n",
+        b"GET healthz HTTP/1.1\r\n\r\n",
+        b"\xff / HTTP/1.1\r\n\r\n",
+        b"G-T / HTTP/1.1\r\n\r\n",
+        b"GET / SPDY/3\r\n\r\n",
+    ):
         with pytest.raises(BadRequest) as e:
             parse_request_head(bad)
         assert e.value.status == 400
@@ -203,7 +208,9 @@ def test_respond() -> None:
     all_ready(h)
     r = respond(h, "GET", READINESS_PATH)
     assert r.status == 200 and json.loads(r.body)["conditions"][STATE_RESTORED] == {
-        "ok": True, "reason": "fine"}
+        "ok": True,
+        "reason": "fine",
+    }
     assert respond(h, "GET", LIVENESS_PATH).status == 200
     assert respond(h, "GET", LIVENESS_PATH).body == b"ok\n"
     assert respond(h, "GET", METRICS_PATH).status == 404  # no metrics given
@@ -308,9 +315,14 @@ async def test_serve_http_rejects_a_taken_port() -> None:
 @pytest.mark.anyio
 async def test_conflist_is_written_only_once_ready_and_kept_on_shutdown(tmp_path: Path) -> None:
     bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
-    write = partial(install.install, bin_dir=bin_dir, conf_dir=conf_dir,
-                    socket="/run/podwire/agent.sock", spool_dir="/run/podwire/spool",
-                    interpreter="/usr/bin/python3")
+    write = partial(
+        install.install,
+        bin_dir=bin_dir,
+        conf_dir=conf_dir,
+        socket="/run/podwire/agent.sock",
+        spool_dir="/run/podwire/spool",
+        interpreter="/usr/bin/python3",
+    )
     calls = 0
 
     def install_fn() -> list[Path]:

@@ -32,8 +32,9 @@ def test_one_json_object_per_line_with_fields_at_the_top(
 ) -> None:
     logger, out = captured
     logger.info("ADD", extra={"key": "podwire/abc/eth0", "duration_ms": 12.5})
-    logger.warning("DEL failed\nsecond line", extra={"key": "podwire/def/eth0", "code": 11,
-                                                     "ip": object()})
+    logger.warning(
+        "DEL failed\nsecond line", extra={"key": "podwire/def/eth0", "code": 11, "ip": object()}
+    )
     try:
         raise ValueError("boom")
     except ValueError:

@@ -92,8 +92,12 @@ def test_a_dedicated_registry() -> None:
     m = Metrics()
     Metrics()  # a second instance does not collide: nothing goes to the global registry
     m.observe_cni("ADD", 0, 0.01)
-    assert prometheus_client.REGISTRY.get_sample_value("podwire_cni_requests_total",
-                                                       {"verb": "ADD", "code": "0"}) is None
+    assert (
+        prometheus_client.REGISTRY.get_sample_value(
+            "podwire_cni_requests_total", {"verb": "ADD", "code": "0"}
+        )
+        is None
+    )
 
 
 def test_event_methods_move_the_values() -> None:
@@ -111,10 +115,18 @@ def test_event_methods_move_the_values() -> None:
 
     m.ec2_call("AttachNetworkInterface", "ok", 0.3)
     m.ec2_call("AttachNetworkInterface", "RequestLimitExceeded", 0.1)
-    assert value(m, "podwire_ec2_requests_total", action="AttachNetworkInterface",
-                 outcome="RequestLimitExceeded") == 1
-    assert value(m, "podwire_ec2_request_duration_seconds_count",
-                 action="AttachNetworkInterface") == 2
+    assert (
+        value(
+            m,
+            "podwire_ec2_requests_total",
+            action="AttachNetworkInterface",
+            outcome="RequestLimitExceeded",
+        )
+        == 1
+    )
+    assert (
+        value(m, "podwire_ec2_request_duration_seconds_count", action="AttachNetworkInterface") == 2
+    )
 
     m.eni_attached(4.2)
     assert value(m, "podwire_eni_attach_duration_seconds_bucket", le="8.0") == 1
@@ -162,8 +174,12 @@ def test_the_pool_collector_reports_counts_per_owner_and_state() -> None:
         for state in ("free", "assigned", "cooling")
     }
     assert counts == {
-        ("eni-1", "free"): 1, ("eni-1", "assigned"): 3, ("eni-1", "cooling"): 1,
-        ("eni-2", "free"): 2, ("eni-2", "assigned"): 0, ("eni-2", "cooling"): 0,
+        ("eni-1", "free"): 1,
+        ("eni-1", "assigned"): 3,
+        ("eni-1", "cooling"): 1,
+        ("eni-2", "free"): 2,
+        ("eni-2", "assigned"): 0,
+        ("eni-2", "cooling"): 0,
     }
     clock.now = 120.0  # cooldown 30 elapsed: free again
     assert value(m, "podwire_pool_addresses", owner="eni-1", state="free") == 2

@@ -117,8 +117,10 @@ def test_watchdog_interval(env: dict[str, str], pid: int | None, expected: float
 
 @pytest.mark.parametrize(
     ("env", "variable"),
-    [({"WATCHDOG_USEC": "30s"}, "WATCHDOG_USEC"),
-     ({"WATCHDOG_USEC": "1", "WATCHDOG_PID": "me"}, "WATCHDOG_PID")],
+    [
+        ({"WATCHDOG_USEC": "30s"}, "WATCHDOG_USEC"),
+        ({"WATCHDOG_USEC": "1", "WATCHDOG_PID": "me"}, "WATCHDOG_PID"),
+    ],
 )
 def test_watchdog_interval_rejects_garbage(env: dict[str, str], variable: str) -> None:
     with pytest.raises(NotifySettingInvalid) as e:

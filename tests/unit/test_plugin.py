@@ -13,12 +13,23 @@ from hypothesis import strategies as st
 
 from cni_client import podwire
 
-ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0"}
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "c1",
+    "CNI_NETNS": "/run/netns/x",
+    "CNI_IFNAME": "eth0",
+}
 
 
 def conf(tmp_path: Path, **extra: object) -> bytes:
-    doc = {"cniVersion": "1.0.0", "name": "podwire", "type": "podwire",
-           "agentSocket": str(tmp_path / "agent.sock"), "spoolDir": str(tmp_path / "spool"), **extra}
+    doc = {
+        "cniVersion": "1.0.0",
+        "name": "podwire",
+        "type": "podwire",
+        "agentSocket": str(tmp_path / "agent.sock"),
+        "spoolDir": str(tmp_path / "spool"),
+        **extra,
+    }
     return json.dumps(doc, indent=2).encode()  # newlines, as runtimes may send
 
 
@@ -37,9 +48,16 @@ def test_conf_scan(tmp_path: Path) -> None:
 
 def test_version_and_unknown_commands(tmp_path: Path) -> None:
     code, out = podwire.run({"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "0.4.0"}')
-    assert code == 0 and json.loads(out) == {"cniVersion": "0.4.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+    assert code == 0 and json.loads(out) == {
+        "cniVersion": "0.4.0",
+        "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"],
+    }
     code, out = podwire.run({"CNI_COMMAND": "FROB"}, conf(tmp_path))
-    assert code == 1 and json.loads(out) == {"cniVersion": "1.0.0", "code": 4, "msg": "unknown CNI_COMMAND: FROB"}
+    assert code == 1 and json.loads(out) == {
+        "cniVersion": "1.0.0",
+        "code": 4,
+        "msg": "unknown CNI_COMMAND: FROB",
+    }
     code, out = podwire.run({**ENV}, b"  ")
     assert code == 1 and json.loads(out)["code"] == 6
 
@@ -49,10 +67,14 @@ def test_unreachable_agent(tmp_path: Path) -> None:
     assert code == 1 and json.loads(out)["code"] == 11
     code, out = podwire.run({**ENV, "CNI_COMMAND": "STATUS"}, conf(tmp_path, cniVersion="1.1.0"))
     assert code == 1 and json.loads(out) == {
-        "cniVersion": "1.1.0", "code": 50, "msg": "podwire-agent is not reachable",
+        "cniVersion": "1.1.0",
+        "code": 50,
+        "msg": "podwire-agent is not reachable",
         "details": json.loads(out)["details"],
     }
-    code, out = podwire.run({**ENV, "CNI_COMMAND": "DEL", "CNI_ARGS": 'K8S_POD_NAME="x"'}, conf(tmp_path))
+    code, out = podwire.run(
+        {**ENV, "CNI_COMMAND": "DEL", "CNI_ARGS": 'K8S_POD_NAME="x"'}, conf(tmp_path)
+    )
     assert (code, out) == (0, b"")
     [spooled] = (tmp_path / "spool").glob("*.json")
     doc = json.loads(spooled.read_bytes())
@@ -84,10 +106,17 @@ def serve_once(path: Path, reply: bytes) -> list[bytes]:
 @pytest.mark.parametrize(
     ("reply", "code", "out"),
     [
-        (b'{"id":1,"result":{"cniVersion":"1.0.0","ips":[]}}\n', 0, b'{"cniVersion":"1.0.0","ips":[]}\n'),
+        (
+            b'{"id":1,"result":{"cniVersion":"1.0.0","ips":[]}}\n',
+            0,
+            b'{"cniVersion":"1.0.0","ips":[]}\n',
+        ),
         (b'{"id":1,"result":null}\n', 0, b""),
-        (b'{"id":1,"error":{"code":11,"msg":"no IP","details":"pool"}}\n', 1,
-         b'{"cniVersion": "1.0.0", "code": 11, "msg": "no IP", "details": "pool"}\n'),
+        (
+            b'{"id":1,"error":{"code":11,"msg":"no IP","details":"pool"}}\n',
+            1,
+            b'{"cniVersion": "1.0.0", "code": 11, "msg": "no IP", "details": "pool"}\n',
+        ),
         (b"garbage\n", 1, None),
     ],
 )

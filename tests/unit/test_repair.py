@@ -40,4 +40,9 @@ def test_what_does_not() -> None:
     foreign_rule = RuleEvent(kind="del", priority=100, table=2, src=IP, src_len=32)
     up = LinkEvent(kind="new", index=7, name="pwv0123456789ab", mac="02:00:00:00:00:01", up=True)
     foreign_link = LinkEvent(kind="new", index=8, name="eth0", mac="02:00:00:00:00:02", up=False)
-    assert suspects(batch(other_ip, other_table, added, foreign_rule, up, foreign_link), BY_IP, BY_VETH) == {}
+    assert (
+        suspects(
+            batch(other_ip, other_table, added, foreign_rule, up, foreign_link), BY_IP, BY_VETH
+        )
+        == {}
+    )

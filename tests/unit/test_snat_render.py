@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from agent.snat import (
     SET_NAMES,
     InvalidSnatSpec,
-    NftChain,
-    NftSet,
     IptablesOwned,
     Mode,
+    NftChain,
+    NftSet,
     SnatSpec,
     UnreadableListing,
     diff_sets,
@@ -189,10 +189,14 @@ def test_nft_script_touches_only_our_table_and_never_deletes_our_chains() -> Non
 def test_full_apply_removes_what_others_added_to_our_table() -> None:
     present = attrs.evolve(
         expected_nft_state(BASE),
-        chains=(*expected_nft_state(BASE).chains,
-                NftChain(name="intruder", type="filter", hook="input", prio=0, policy="accept")),
-        sets=(*expected_nft_state(BASE).sets,
-              NftSet(name="pod_cidrs", type="ipv4_addr", flags=(), elements=())),
+        chains=(
+            *expected_nft_state(BASE).chains,
+            NftChain(name="intruder", type="filter", hook="input", prio=0, policy="accept"),
+        ),
+        sets=(
+            *expected_nft_state(BASE).sets,
+            NftSet(name="pod_cidrs", type="ipv4_addr", flags=(), elements=()),
+        ),
     )
     script = render_nft(BASE, present)
     assert "delete chain ip podwire intruder" in script
