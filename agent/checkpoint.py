@@ -194,7 +194,3 @@ def snapshot_of(
         cooling=tuple(CoolingEntry(ip=ip, released_at=t + offset) for ip, t in cooling),
     )
 
-
-def to_plain(obj: Any) -> Any:
-    """Unstructure checkpoint classes (for agentctl views)."""
-    return _conv.unstructure(obj)

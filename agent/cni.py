@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 import anyio
@@ -421,6 +420,3 @@ def map_error(exc: Exception) -> CniError:
         return CniError(5, "I/O failure", str(exc))
     return CniError(INTERNAL, "internal error", f"{type(exc).__name__}: {exc}")
 
-
-def ip_list(allocs: Iterable[Allocation]) -> list[IPv4Address]:
-    return [a.ip for a in allocs]

@@ -190,8 +190,7 @@ async def _start_aws_services(
     pool_refiller = await tg.start(
         health.run,
         "refiller",
-        partial(
-            refiller.serve,
+        refiller.Refiller(
             cni.pool,
             provider,
             targets,
@@ -204,7 +203,7 @@ async def _start_aws_services(
             exhaustion_pause=aws.exhaustion_pause,
             reconcile_interval=aws.reconcile_interval,
             pod_limit=max_pods(limits, prefix_mode=targets.prefix_mode, max_eni=targets.max_eni),
-        ),
+        ).run,
     )
     if aws.leak_cleanup:
         await tg.start(health.run, "eni-leak-cleanup", provider.serve_leak_cleanup)

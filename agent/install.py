@@ -9,7 +9,6 @@ scanning the directories never reads half a file. Both steps are idempotent.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -106,8 +105,3 @@ def uninstall(*, bin_dir: Path, conf_dir: Path) -> list[Path]:
             pass
     return removed
 
-
-def copy_reference_plugins(src: Path, bin_dir: Path, names: list[str]) -> None:
-    """Copy Debian's reference plugins next to ours (for chained tests and the demo)."""
-    for name in names:
-        shutil.copy2(src / name, bin_dir / name)

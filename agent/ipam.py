@@ -139,9 +139,6 @@ class IpPool:
     def table_of(self, owner: str) -> int | None:
         return self._tables.get(owner)
 
-    def owner_of(self, ip: IPv4Address) -> str | None:
-        return self._owner.get(ip)
-
     # -- leases -------------------------------------------------------------------------------
 
     def _thaw(self, now: float) -> None:

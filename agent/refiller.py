@@ -273,6 +273,8 @@ class Refiller:
     # -- loop -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[Refiller] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ``task_status.started`` hands back this Refiller (for
+        ``agentctl pool``: ``status()``). The first tick runs at once."""
         task_status.started(self)
         while True:
             await self.tick()
@@ -577,38 +579,3 @@ class Refiller:
             return
         self.pool.drop_owner_if_empty(view.eni_id)
         self._first_seen.pop(view.eni_id, None)
-
-
-async def serve(
-    pool: IpPool,
-    provider: PoolCloud,
-    targets: PoolTargets,
-    limits: InstanceLimits,
-    *,
-    cni_notify: Callable[[], None],
-    demand: Callable[[], anyio.Event],
-    interval: float = 5.0,
-    min_eni_age: float = 60.0,
-    release_interval: float = 30.0,
-    exhaustion_pause: float = 120.0,
-    pod_limit: int | None = None,
-    reconcile_interval: float | None = None,
-    task_status: TaskStatus[Refiller] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run the refiller until cancelled; ``task_status.started`` hands back the Refiller (for
-    ``agentctl pool``: ``refiller.status()``). The first tick runs at once."""
-    refiller = Refiller(
-        pool,
-        provider,
-        targets,
-        limits,
-        cni_notify=cni_notify,
-        demand=demand,
-        interval=interval,
-        min_eni_age=min_eni_age,
-        release_interval=release_interval,
-        exhaustion_pause=exhaustion_pause,
-        pod_limit=pod_limit,
-        reconcile_interval=reconcile_interval,
-    )
-    await refiller.run(task_status=task_status)

@@ -4,7 +4,6 @@ fallback."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
 from typing import Any
@@ -18,7 +17,7 @@ import trio.testing
 from agent.cni_spec import PodKey
 from agent.ipam import IpPool
 from agent.pool_math import EniState, InstanceLimits, PoolTargets
-from agent.refiller import Refiller, plan_mixed, serve
+from agent.refiller import Refiller, plan_mixed
 from cloud.errors import CloudRequestFailed, CloudUnavailable, LimitExceeded, Throttled
 from tests.unit.fake_cloud import FakeCloudProvider
 
@@ -88,9 +87,9 @@ async def start(
     h: Harness, nursery: trio.Nursery, targets: PoolTargets, limits: InstanceLimits, **kw: Any
 ) -> Refiller:
     await h.fill()
-    run = functools.partial(
-        serve, h.pool, h.cloud, targets, limits, cni_notify=h.notify, demand=h.demand.take, **kw
-    )
+    run = Refiller(
+        h.pool, h.cloud, targets, limits, cni_notify=h.notify, demand=h.demand.take, **kw
+    ).run
     refiller: Refiller = await nursery.start(run)
     return refiller
 
