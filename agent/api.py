@@ -15,13 +15,13 @@ import attrs
 
 from agent import config as config_mod
 from agent.checkpoint import Allocation
-from agent.cni import CniService, map_error
-from agent.cni_spec import INVALID_ENV, CniError, validate
+from agent.cni.service import CniService, map_error
+from agent.cni.spec import INVALID_ENV, CniError, validate
 from agent.config import Config
 from agent.gc import GcService
 from agent.health import Health
 from agent.metrics import Metrics
-from agent.snat_service import SnatService
+from agent.snat.service import SnatService
 from rpc.errors import RpcError
 from rpc.messages import CniParams, Peer, structure, unstructure
 

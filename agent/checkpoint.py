@@ -22,7 +22,7 @@ import attrs
 import cattrs
 import orjson
 
-from agent.cni_spec import PodKey
+from agent.cni.spec import PodKey
 
 FORMAT_VERSION = 1
 

@@ -51,7 +51,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
     from agent.install import uninstall
-    from agent.snat_service import remove_all
+    from agent.snat.service import remove_all
 
     for path in uninstall(bin_dir=args.bin_dir, conf_dir=args.conf_dir):
         print(f"removed {path}")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import attrs
 
-from agent.pool_math import PoolConfigError, PoolTargets
+from agent.pool.pool_math import PoolConfigError, PoolTargets
 
 DEFAULT_PATH = Path("/etc/podwire/agent.toml")
 

@@ -24,11 +24,12 @@ import anyio
 import anyio.abc
 
 from agent import checkpoint as ckpt
-from agent import install, notify, refiller, spool
+from agent import install, notify
 from agent.api import MUTATING, AgentApi
-from agent.cni import CniService
+from agent.cni import spool
+from agent.cni.datapath import ThreadedDatapath
+from agent.cni.service import CniService
 from agent.config import Config, pool_targets
-from agent.datapath import ThreadedDatapath
 from agent.events import EventBus
 from agent.gc import GcPolicy, GcService, KernelGc
 from agent.health import (
@@ -40,11 +41,12 @@ from agent.health import (
     pool_readiness,
     serve_http,
 )
-from agent.ipam import IpPool
 from agent.metrics import Metrics
-from agent.pool_math import InstanceLimits, max_pods
+from agent.pool import refiller
+from agent.pool.ipam import IpPool
+from agent.pool.pool_math import InstanceLimits, max_pods
 from agent.repair import Repairer
-from agent.snat_service import SnatService, pool_cidrs
+from agent.snat.service import SnatService, pool_cidrs
 from cloud.provider import Provider
 from cloud.static import StaticProvider
 from netlink.veth import Datapath

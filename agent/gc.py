@@ -48,10 +48,10 @@ import anyio
 import anyio.abc
 import attrs
 
-from agent import spool
 from agent.checkpoint import Allocation
-from agent.cni import CniService
-from agent.cni_spec import PodKey
+from agent.cni import spool
+from agent.cni.service import CniService
+from agent.cni.spec import PodKey
 from agent.netns_holders import NetnsFact, probe, remove_netns_mount, under
 from netlink.errors import NetlinkError
 from netlink.names import HOST_VETH_PREFIX, host_veth_name

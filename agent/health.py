@@ -36,7 +36,7 @@ import attrs
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from agent.ipam import IpPool
+from agent.pool.ipam import IpPool
 
 log = logging.getLogger("podwire.health")
 

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.health import Health
-from agent.ipam import IpPool
+from agent.pool.ipam import IpPool
 from rpc.server import ServerStats
 
 PREFIX = "podwire_"

@@ -18,8 +18,8 @@ from ipaddress import IPv4Address
 import anyio
 import anyio.abc
 
-from agent.cni import CniService
-from agent.cni_spec import PodKey
+from agent.cni.service import CniService
+from agent.cni.spec import PodKey
 from agent.events import EventBus
 from agent.metrics import Metrics
 from netlink.errors import NetlinkError

@@ -30,8 +30,9 @@ from typing import TypeVar
 
 import attrs
 
-from agent.snat import SnatSpec
-from netlink.iptables import IptablesRestore, SnatBackend
+from agent.snat.backends import IptablesSnat, NftSnat, SnatBackend
+from agent.snat.rules import SnatSpec
+from netlink.iptables import IptablesRestore
 from netlink.nftables import Nft
 from netlink.ns import entered_path
 from tests.netns import netns
@@ -56,10 +57,10 @@ def spec_for(pods: int, offset: int = 0) -> SnatSpec:
 
 def open_backend(kind: str) -> SnatBackend:
     if kind == "libnftables":
-        return Nft.open(prefer_library=True)
+        return NftSnat(Nft.open(prefer_library=True))
     if kind == "nft":
-        return Nft.open(prefer_library=False)
-    return IptablesRestore(kind)
+        return NftSnat(Nft.open(prefer_library=False))
+    return IptablesSnat(IptablesRestore(kind))
 
 
 def timed(fn: Callable[[], object], reps: int) -> float:

@@ -1,4 +1,4 @@
-"""nftables backend for the SNAT state: libnftables through ctypes, or the ``nft`` binary.
+"""nftables from Python: libnftables through ctypes, or the ``nft`` binary, bound to one netns.
 
 Namespaces (measured with nftables 1.0.6): ``nft_ctx_new`` opens the context's netlink socket
 and every later command goes through that socket, so a libnftables context acts in the network
@@ -25,25 +25,10 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import orjson
 
-from agent.snat import (
-    NFT_FAMILY,
-    NFT_TABLE,
-    SetDelta,
-    SnatSpec,
-    UpdatePlan,
-    diff_sets,
-    expected_nft_state,
-    parse_nft_listing,
-    plan_update,
-    render_nft,
-    render_nft_delta,
-    render_nft_removal,
-)
 from netlink.errors import NetlinkError
 from netlink.ns import entered_path
 
@@ -211,7 +196,7 @@ class _Binary:
 
 
 class Nft:
-    """The SNAT state in ``table ip podwire``, through libnftables or the ``nft`` binary."""
+    """nft scripts run as one transaction each, through libnftables or the ``nft`` binary."""
 
     def __init__(self, runner: _Library | _Binary, binding: NetnsBinding) -> None:
         self._runner = runner
@@ -268,59 +253,19 @@ class Nft:
         with self._lock:
             return self._runner.run(script, json=json)
 
-    def list_table_json(self) -> dict[str, Any] | None:
-        """Return ``nft -j list table ip podwire`` as a dict, or None when the table is absent."""
+    def list_table_json(self, family: str, table: str) -> dict[str, Any] | None:
+        """Return ``nft -j list table <family> <table>`` as a dict, or None when the table is
+        absent. Raises NftError."""
         try:
-            out = self._run(f"list table {NFT_FAMILY} {NFT_TABLE}", json=True)
+            out = self._run(f"list table {family} {table}", json=True)
         except NftError as e:
             if "No such file or directory" in e.stderr:
                 return None
             raise
         doc = orjson.loads(out)
         if not isinstance(doc, dict):
-            raise NftError(f"list table {NFT_FAMILY} {NFT_TABLE}", f"unexpected JSON: {out[:200]}")
+            raise NftError(f"list table {family} {table}", f"unexpected JSON: {out[:200]}")
         return doc
-
-    def apply(self, spec: SnatSpec) -> None:
-        """Make our table hold ``spec``'s state in one transaction, removing whatever else was
-        added to it. Raises NftError."""
-        doc = self.list_table_json()
-        present = parse_nft_listing(doc) if doc is not None else None
-        self.run(render_nft(spec, present))
-
-    def apply_delta(self, deltas: Iterable[SetDelta]) -> None:
-        """Apply set-element changes in one transaction. Raises NftError when the kernel's
-        sets are not what the deltas assume (then nothing changed)."""
-        script = render_nft_delta(deltas)
-        if script:
-            self.run(script)
-
-    def update(self, old: SnatSpec | None, new: SnatSpec) -> UpdatePlan:
-        """Move from ``old`` (what was applied last, None if unknown) to ``new``: element
-        deltas when only CIDRs changed, falling back to a full apply when the kernel's sets
-        have drifted. Returns what was done."""
-        plan = plan_update(old, new)
-        if plan == "delta" and old is not None:
-            try:
-                self.apply_delta(diff_sets(old, new))
-            except NftError:
-                self.apply(new)
-                return "full"
-        elif plan == "full":
-            self.apply(new)
-        return plan
-
-    def remove(self) -> None:
-        """Delete our table; succeeds when it is already gone."""
-        self.run(render_nft_removal())
-
-    def current_spec_matches(self, spec: SnatSpec) -> bool:
-        """True when the live table holds exactly ``spec``'s chains, rules and set elements
-        (a rule edited, a chain flushed or an element removed by someone else reads False)."""
-        doc = self.list_table_json()
-        if doc is None:
-            return False
-        return parse_nft_listing(doc) == expected_nft_state(spec)
 
     def close(self) -> None:
         """Free the libnftables context (no-op for the binary)."""

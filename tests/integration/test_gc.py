@@ -21,11 +21,11 @@ import attrs
 import pytest
 
 from agent.checkpoint import Snapshot
-from agent.cni import CniService
-from agent.cni_spec import CniError, CniRequest, validate
-from agent.datapath import ThreadedDatapath
+from agent.cni.datapath import ThreadedDatapath
+from agent.cni.service import CniService
+from agent.cni.spec import CniError, CniRequest, validate
 from agent.gc import GcPolicy, GcService, KernelGc
-from agent.ipam import IpPool
+from agent.pool.ipam import IpPool
 from cloud.provider import AddressBlock
 from cloud.static import usable_hosts
 from netlink import Datapath, PodNet

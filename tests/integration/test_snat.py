@@ -25,8 +25,9 @@ from typing import TypeVar
 import attrs
 import pytest
 
-from agent.snat import Mode, SnatSpec, diff_sets, parse_nft_listing
-from netlink.iptables import IptablesRestore, SnatBackend, choose_backend
+from agent.snat.backends import IptablesSnat, NftSnat, SnatBackend, choose_backend
+from agent.snat.rules import Mode, SnatSpec, diff_sets, parse_nft_listing
+from netlink.iptables import IptablesRestore
 from netlink.nftables import Nft, WrongNamespace
 from netlink.ns import entered_path
 from tests.netns import Netns, netns, veth_between
@@ -172,12 +173,12 @@ class InNode:
 
     def _open(self) -> SnatBackend:
         if self.kind == "libnftables":
-            nft = Nft.open(prefer_library=True)
+            nft = NftSnat(Nft.open(prefer_library=True))
             assert nft.kind == "libnftables"
             return nft
         if self.kind == "nft":
-            return Nft.open(prefer_library=False, netns_path=self.node.path)
-        return IptablesRestore(self.kind, netns_path=self.node.path)
+            return NftSnat(Nft.open(prefer_library=False, netns_path=self.node.path))
+        return IptablesSnat(IptablesRestore(self.kind, netns_path=self.node.path))
 
     def call(self, fn: Callable[[], T]) -> T:
         def entered() -> T:
@@ -308,7 +309,7 @@ def test_remove_leaves_nothing(topo: Topo, backend: InNode) -> None:
 
 
 def test_nft_delta_that_does_not_fit_the_kernel_fails_whole(topo: Topo) -> None:
-    with Nft.open(netns_path=topo.node.path) as nft:
+    with NftSnat(Nft.open(netns_path=topo.node.path)) as nft:
         nft.apply(SPEC)
         wrong_old = attrs.evolve(SPEC, pod_cidrs=("10.0.9.9/32",))
         new = attrs.evolve(SPEC, pod_cidrs=(f"{POD2}/32",))
@@ -324,27 +325,27 @@ def test_nft_delta_that_does_not_fit_the_kernel_fails_whole(topo: Topo) -> None:
 def test_library_and_binary_see_the_same_table(topo: Topo) -> None:
     spec = attrs.evolve(SPEC, excluded_cidrs=("198.51.100.0/24", "192.0.2.0/24"))
     with (
-        Nft.open(prefer_library=True, netns_path=topo.node.path) as lib,
-        Nft.open(prefer_library=False, netns_path=topo.node.path) as binary,
+        NftSnat(Nft.open(prefer_library=True, netns_path=topo.node.path)) as lib,
+        NftSnat(Nft.open(prefer_library=False, netns_path=topo.node.path)) as binary,
     ):
         assert (lib.kind, binary.kind) == ("libnftables", "nft")
         lib.apply(spec)
-        by_lib, by_bin = lib.list_table_json(), binary.list_table_json()
+        by_lib, by_bin = lib.listing(), binary.listing()
         assert by_lib is not None and by_bin is not None
         assert parse_nft_listing(by_lib) == parse_nft_listing(by_bin)
-        assert lib.run("list table ip podwire") == binary.run("list table ip podwire")
+        assert lib.nft.run("list table ip podwire") == binary.nft.run("list table ip podwire")
         binary.apply(spec)
         assert lib.current_spec_matches(spec) and binary.current_spec_matches(spec)
         lib.remove()
-        assert lib.list_table_json() is None and binary.list_table_json() is None
+        assert lib.listing() is None and binary.listing() is None
 
 
 def test_thread_bound_context_refuses_calls_from_another_namespace(topo: Topo) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
 
-        def open_inside() -> Nft:
+        def open_inside() -> NftSnat:
             with entered_path(topo.node.path):
-                return Nft.open()
+                return NftSnat(Nft.open())
 
         nft = pool.submit(open_inside).result()
     try:

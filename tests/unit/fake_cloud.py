@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import attrs
 
-from agent.pool_math import InstanceLimits
+from agent.pool.pool_math import InstanceLimits
 from cloud.errors import LimitExceeded, NotFound, SubnetExhausted
 from cloud.provider import AddressBlock, NodeFacts
 
@@ -46,7 +46,7 @@ class Call:
 
 
 class FakeCloudProvider:
-    """Stateful fake of ``AwsProvider``'s pool side (``agent.refiller.PoolCloud``)."""
+    """Stateful fake of ``AwsProvider``'s pool side (``agent.pool.refiller.PoolCloud``)."""
 
     name = "fake-aws"
     can_grow = True

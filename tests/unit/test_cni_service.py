@@ -12,9 +12,9 @@ import trio
 
 from agent import checkpoint as ckpt
 from agent.checkpoint import Allocation, Snapshot
-from agent.cni import CniService, map_error
-from agent.cni_spec import CniError, CniRequest, validate
-from agent.ipam import IpPool
+from agent.cni.service import CniService, map_error
+from agent.cni.spec import CniError, CniRequest, validate
+from agent.pool.ipam import IpPool
 from cloud.provider import AddressBlock
 from cloud.static import usable_hosts
 from netlink.errors import NetnsNotFound

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from agent.cni_spec import (
+from agent.cni.spec import (
     AddOutcome,
     CniError,
     parse_cni_args,

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from agent.checkpoint import Allocation, Snapshot
-from agent.cni import CniService
-from agent.cni_spec import CniRequest, PodKey, validate
+from agent.cni.service import CniService
+from agent.cni.spec import CniRequest, PodKey, validate
 from agent.gc import (
     GcPlan,
     GcPolicy,
@@ -26,8 +26,8 @@ from agent.gc import (
     plan,
     policy_rule,
 )
-from agent.ipam import IpPool
 from agent.netns_holders import NetnsFact, under
+from agent.pool.ipam import IpPool
 from cloud.provider import AddressBlock
 from cloud.static import usable_hosts
 from netlink.names import host_veth_name

@@ -30,7 +30,7 @@ from agent.health import (
     respond,
     serve_http,
 )
-from agent.ipam import IpPool
+from agent.pool.ipam import IpPool
 
 
 class Clock:

@@ -4,8 +4,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from agent.cni_spec import PodKey
-from agent.ipam import AddressTaken, AddressUnknown, IpPool, PoolExhausted
+from agent.cni.spec import PodKey
+from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, PoolExhausted
 from cloud.static import usable_hosts
 
 

@@ -9,10 +9,10 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.cni_spec import PodKey
+from agent.cni.spec import PodKey
 from agent.health import Health
-from agent.ipam import IpPool
 from agent.metrics import CNI_VERBS, Metrics
+from agent.pool.ipam import IpPool
 from rpc.server import ServerStats
 
 NAME = re.compile(r"^podwire_[a-z][a-z0-9_]*$")

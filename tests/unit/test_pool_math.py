@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.pool_math import (
+from agent.pool.pool_math import (
     IPS_PER_PREFIX,
     EniState,
     InstanceLimits,

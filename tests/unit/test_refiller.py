@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from agent.cni_spec import PodKey
-from agent.ipam import IpPool
-from agent.pool_math import EniState, InstanceLimits, PoolTargets
-from agent.refiller import Refiller, plan_mixed
+from agent.cni.spec import PodKey
+from agent.pool.ipam import IpPool
+from agent.pool.pool_math import EniState, InstanceLimits, PoolTargets
+from agent.pool.refiller import Refiller, plan_mixed
 from cloud.errors import CloudRequestFailed, CloudUnavailable, LimitExceeded, Throttled
 from tests.unit.fake_cloud import FakeCloudProvider
 

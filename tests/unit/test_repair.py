@@ -4,7 +4,7 @@ from ipaddress import IPv4Address
 
 import attrs
 
-from agent.cni_spec import PodKey
+from agent.cni.spec import PodKey
 from agent.repair import suspects
 from netlink.watcher import Batch, LinkEvent, Resync, RouteEvent, RuleEvent
 

@@ -1,4 +1,4 @@
-"""The SNAT state core (agent/snat.py): rendering, deltas, listings. Pure, no kernel.
+"""The SNAT state core (agent/snat/rules.py): rendering, deltas, listings. Pure, no kernel.
 
 Golden files live in tests/unit/golden/snat_<case>.{nft,json,iptables}. After an intended
 change of the rendering, regenerate them and review the diff:
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.snat import (
+from agent.snat.rules import (
     SET_NAMES,
     InvalidSnatSpec,
     IptablesOwned,

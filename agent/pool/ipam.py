@@ -20,7 +20,7 @@ from ipaddress import IPv4Address
 
 import attrs
 
-from agent.cni_spec import PodKey
+from agent.cni.spec import PodKey
 
 
 class PoolExhausted(Exception):

@@ -1,6 +1,6 @@
 """The SNAT reconciler: keeps the kernel's SNAT state equal to the desired state.
 
-Theory of operation: the desired state (``agent.snat.SnatSpec``) is a function of the
+Theory of operation: the desired state (``agent.snat.rules.SnatSpec``) is a function of the
 configuration, the provider's facts (VPC CIDRs, the node's primary address) and the pod
 addresses the node owns. It is applied whole at start (which also repairs whatever a previous
 agent left), then kept true:
@@ -33,11 +33,11 @@ import anyio.abc
 
 from agent.config import SnatSection
 from agent.events import EventBus
-from agent.ipam import IpPool
 from agent.metrics import Metrics
-from agent.snat import SnatSpec, mode_from_vpc_cni
+from agent.pool.ipam import IpPool
+from agent.snat.backends import SnatBackend, choose_backend
+from agent.snat.rules import SnatSpec, mode_from_vpc_cni
 from cloud.provider import NodeFacts
-from netlink.iptables import SnatBackend, choose_backend
 
 log = logging.getLogger("podwire.snat")
 

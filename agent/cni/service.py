@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 
 from agent.checkpoint import Allocation, Checkpoint, Snapshot, snapshot_of
-from agent.cni_spec import (
+from agent.cni.spec import (
     CHECK_FAILED,
     INTERNAL,
     INVALID_ENV,
@@ -41,7 +41,7 @@ from agent.cni_spec import (
     render_add_result,
 )
 from agent.events import EventBus
-from agent.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
+from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
 from netlink.names import host_veth_name

@@ -39,8 +39,8 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
-from agent.ipam import IpPool
-from agent.pool_math import (
+from agent.pool.ipam import IpPool
+from agent.pool.pool_math import (
     IPS_PER_PREFIX,
     EniState,
     InstanceLimits,

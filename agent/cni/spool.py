@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.cni_spec import CniError, CniRequest, validate
+from agent.cni.spec import CniError, CniRequest, validate
 
 log = logging.getLogger("podwire.spool")
 
