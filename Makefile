@@ -3,10 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps curl util-linux python3
+DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps curl util-linux python3 iperf3
 PYTEST_ARGS ?=
 
-.PHONY: deps system-deps venv test unit integration e2e demo bench lint clean-netns
+.PHONY: deps system-deps venv test unit integration e2e demo bench bench-datapath lint clean-netns
 
 deps: system-deps venv
 
@@ -43,6 +43,10 @@ demo: deps
 
 bench: deps
 	$(PY) -m bench.cni_latency
+
+# Pod-to-pod TCP/UDP bandwidth (iperf3) for podwire, ptp, bridge and a bare veth; idle agent.
+bench-datapath: deps
+	$(PY) -m bench.datapath
 
 lint: deps
 	$(PY) -m pip install -q ruff mypy
