@@ -6,7 +6,6 @@ They read the request parameters (moto parses them with the service model) and c
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from moto.core.responses import ActionResult, EmptyResult
@@ -14,7 +13,7 @@ from moto.ec2.responses import EC2Response
 from moto.ec2.responses.elastic_network_interfaces import ElasticNetworkInterfaces
 from moto.ec2.utils import add_tag_specification
 
-from cloud.emulator import ec2_errors, rules
+from cloud.emulator import groups, rules, trunks
 
 _orig_modify_eni = ElasticNetworkInterfaces.modify_network_interface_attribute
 
@@ -77,63 +76,82 @@ def modify_network_interface_attribute(self: Any) -> ActionResult:
 
 
 def associate_trunk_interface(self: Any) -> ActionResult:
-    backend = self.ec2_backend
-    trunk_id = self._get_param("TrunkInterfaceId")
-    branch_id = self._get_param("BranchInterfaceId")
-    vlan_id = self._get_int_param("VlanId")
-    if backend.get_network_interface(trunk_id).interface_type != "trunk":
-        raise ec2_errors.NotATrunk(trunk_id, "trunk")
-    if backend.get_network_interface(branch_id).interface_type != "branch":
-        raise ec2_errors.NotATrunk(branch_id, "branch")
-    if vlan_id is None or not 1 <= vlan_id <= 4094:
-        raise ec2_errors.InvalidVlanId(vlan_id)
-    table = rules.extras(backend).trunk_associations
-    for assoc in table.values():
-        if assoc.branch_interface_id == branch_id:
-            raise ec2_errors.BranchAlreadyAssociated(branch_id)
-        if assoc.trunk_interface_id == trunk_id and assoc.vlan_id == vlan_id:
-            raise ec2_errors.VlanInUse(trunk_id, vlan_id)
-    assoc = rules.TrunkAssociation(
-        association_id=f"trunk-assoc-{secrets.token_hex(9)[:17]}",
-        branch_interface_id=branch_id,
-        trunk_interface_id=trunk_id,
-        vlan_id=vlan_id,
+    self.error_on_dryrun()
+    assoc = trunks.associate(
+        self.ec2_backend,
+        branch_id=self._get_param("BranchInterfaceId"),
+        trunk_id=self._get_param("TrunkInterfaceId"),
+        vlan_id=self._get_int_param("VlanId"),
+        gre_key=self._get_int_param("GreKey"),
+        client_token=self._get_param("ClientToken"),
     )
-    table[assoc.association_id] = assoc
     return ActionResult(
         {"InterfaceAssociation": assoc, "ClientToken": self._get_param("ClientToken")}
     )
 
 
-_TRUNK_FILTERS = {
-    "trunk-interface-association.id": "association_id",
-    "trunk-interface-association.branch-interface-id": "branch_interface_id",
-    "trunk-interface-association.trunk-interface-id": "trunk_interface_id",
-    "trunk-interface-association.vlan-id": "vlan_id",
-}
-
-
 def describe_trunk_interface_associations(self: Any) -> ActionResult:
-    table = rules.extras(self.ec2_backend).trunk_associations
-    ids = self._get_param("AssociationIds", [])
-    for assoc_id in ids:
-        if assoc_id not in table:
-            raise ec2_errors.TrunkAssociationNotFound(assoc_id)
-    found = [table[i] for i in ids] if ids else list(table.values())
-    for name, values in self._filters_from_querystring().items():
-        field = _TRUNK_FILTERS.get(name)
-        if field is None:
-            raise ec2_errors.InvalidAddress(f"The filter '{name}' is invalid")
-        found = [a for a in found if str(getattr(a, field)) in values]
-    return ActionResult({"InterfaceAssociations": found})
+    self.error_on_dryrun()
+    found, next_token = trunks.describe(
+        self.ec2_backend,
+        association_ids=self._get_param("AssociationIds", []),
+        filters=self._filters_from_querystring(),
+        max_results=self._get_int_param("MaxResults"),
+        next_token=self._get_param("NextToken"),
+    )
+    result: dict[str, Any] = {"InterfaceAssociations": found}
+    if next_token:
+        result["NextToken"] = next_token
+    return ActionResult(result)
 
 
 def disassociate_trunk_interface(self: Any) -> ActionResult:
-    table = rules.extras(self.ec2_backend).trunk_associations
-    assoc_id = self._get_param("AssociationId")
-    if table.pop(assoc_id, None) is None:
-        raise ec2_errors.TrunkAssociationNotFound(assoc_id)
+    self.error_on_dryrun()
+    trunks.disassociate(self.ec2_backend, self._get_param("AssociationId"))
     return ActionResult({"Return": True, "ClientToken": self._get_param("ClientToken")})
+
+
+def _permissions(self: Any) -> list[dict[str, Any]]:
+    return list(self._process_rules_from_querystring())
+
+
+def authorize_security_group_ingress(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    added = groups.authorize(self.ec2_backend, _permissions(self), egress=False)
+    return ActionResult({"Return": True, "SecurityGroupRules": added})
+
+
+def authorize_security_group_egress(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    added = groups.authorize(self.ec2_backend, _permissions(self), egress=True)
+    return ActionResult({"Return": True, "SecurityGroupRules": added})
+
+
+def revoke_security_group_ingress(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    permissions = _permissions(self)
+    for kwargs in permissions:
+        kwargs.pop("sgrule_tags", None)
+    groups.revoke(self.ec2_backend, permissions, egress=False)
+    return ActionResult({"Return": True})
+
+
+def revoke_security_group_egress(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    permissions = _permissions(self)
+    for kwargs in permissions:
+        kwargs.pop("sgrule_tags", None)
+    groups.revoke(self.ec2_backend, permissions, egress=True)
+    return ActionResult({"Return": True})
+
+
+def delete_security_group(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    backend = self.ec2_backend
+    group = groups.find_group(backend, self._get_param("GroupName"), self._get_param("GroupId"))
+    groups.check_deletable(backend, group)
+    backend.delete_security_group(group_id=group.id)
+    return EmptyResult()
 
 
 _applied = False
@@ -156,6 +174,11 @@ def apply() -> None:
         associate_trunk_interface,
         describe_trunk_interface_associations,
         disassociate_trunk_interface,
+        authorize_security_group_ingress,
+        authorize_security_group_egress,
+        revoke_security_group_ingress,
+        revoke_security_group_egress,
+        delete_security_group,
     ):
         setattr(EC2Response, handler.__name__, handler)
     _applied = True

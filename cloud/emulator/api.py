@@ -20,12 +20,13 @@ import subprocess
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from moto.moto_server.werkzeug_app import create_backend_app
 
 from cloud.emulator import actions, info
 from cloud.emulator.control import ControlApp
+from cloud.emulator.echo import EchoServer
 from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, Fabric
 from cloud.emulator.faults import FaultPlan
 from cloud.emulator.imds import ImdsApp, by_source_address, fixed_instance
@@ -59,36 +60,123 @@ class Subnet:
         return f"Subnet({self.id}, {self.cidr}, {self.az})"
 
 
-class Node:
-    """A simulated node: an EC2 instance and, with the fabric, its network namespace."""
+class Instance:
+    """A simulated EC2 instance; with the fabric, a namespace whose ``eth0`` is its primary ENI.
+
+    ``Vpc.add_instance`` makes plain ones (a database or service VM: one ENI, its groups);
+    ``Node`` adds what a node running the agent needs.
+    """
 
     def __init__(
-        self,
-        instance: Any,
-        subnet: Subnet,
-        netns: Namespace | None,
-        imds_local: HttpServer,
-        pod_cidr: IPv4Network | None,
+        self, state: CloudState, instance: Any, subnet: Subnet, netns: Namespace | None
     ) -> None:
+        self._state = state
         self.instance_id: str = instance.id
         self.instance_type: str = instance.instance_type
         self.subnet = subnet
         self.eni_id: str = instance.nics[0].id
         self.primary_ip: str = instance.nics[0].private_ip_address
         self.mac: str = instance.nics[0].mac_address
-        self.pod_cidr = pod_cidr
         self.namespace = netns
-        self._imds_local = imds_local
         self._processes: list[subprocess.Popen[Any]] = []
+        self._servers: list[EchoServer] = []
+
+    @property
+    def security_groups(self) -> tuple[str, ...]:
+        """The primary ENI's group ids, as EC2 has them now."""
+        with self._state.lock:
+            eni = self._state.backend.enis.get(self.eni_id)
+            return tuple(g.id for g in eni.group_set) if eni is not None else ()
 
     @property
     def netns(self) -> str:
-        """The node's namespace name (for ``ip netns exec``)."""
+        """The namespace name (for ``ip netns exec``)."""
         return self._ns().name
 
     @property
     def netns_path(self) -> str:
         return self._ns().path
+
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` inside the namespace and return the finished process."""
+        return self._ns().run(*cmd, check=check, timeout=timeout, input=input)
+
+    def start_process(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, **popen: Any
+    ) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside the namespace; it is ended when the instance goes away."""
+        proc = self._ns().popen(argv, env=env, **popen)
+        self._processes.append(proc)
+        return proc
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a thread inside the namespace (sockets it opens stay there)."""
+        return self._ns().call(fn)
+
+    def serve(self, port: int, protocol: Literal["tcp", "udp"] = "tcp") -> EchoServer:
+        """Listen on ``port`` (0: a free one) inside the namespace and echo every TCP line or
+        UDP datagram back with the caller's address; stopped when the instance goes away."""
+        server = EchoServer.start(self.call, port, protocol)
+        self._servers.append(server)
+        return server
+
+    def instance_info(self) -> info.InstanceInfo:
+        ns = self.namespace
+        return info.InstanceInfo(
+            instance_id=self.instance_id,
+            instance_type=self.instance_type,
+            subnet_id=self.subnet.id,
+            eni_id=self.eni_id,
+            primary_ip=self.primary_ip,
+            mac=self.mac,
+            security_groups=list(self.security_groups),
+            netns=ns.name if ns else None,
+            netns_path=ns.path if ns else None,
+        )
+
+    def _ns(self) -> Namespace:
+        if self.namespace is None:
+            raise RuntimeError("this Vpc runs without the fabric: instances have no namespace")
+        return self.namespace
+
+    def _stop(self) -> None:
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        for proc in self._processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._processes:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.namespace is not None:
+            self.namespace.delete()
+
+    def __repr__(self) -> str:
+        return f"Instance({self.instance_id}, {self.instance_type}, {self.primary_ip})"
+
+
+class Node(Instance):
+    """A simulated node: an instance with its own IMDS port on loopback and, for the static
+    provider, a pod CIDR the router routes to it."""
+
+    def __init__(
+        self,
+        state: CloudState,
+        instance: Any,
+        subnet: Subnet,
+        netns: Namespace | None,
+        imds_local: HttpServer,
+        pod_cidr: IPv4Network | None,
+    ) -> None:
+        super().__init__(state, instance, subnet, netns)
+        self.pod_cidr = pod_cidr
+        self._imds_local = imds_local
 
     @property
     def imds_url(self) -> str:
@@ -104,24 +192,6 @@ class Node:
     def imds_local_url(self) -> str:
         """This node's IMDS on the machine's loopback (for tests and tools outside the node)."""
         return self._imds_local.url
-
-    def run(
-        self, *cmd: str, check: bool = True, timeout: float = 30, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``cmd`` inside the node's namespace and return the finished process."""
-        return self._ns().run(*cmd, check=check, timeout=timeout, input=input)
-
-    def start_process(
-        self, argv: Sequence[str], env: dict[str, str] | None = None, **popen: Any
-    ) -> subprocess.Popen[Any]:
-        """Start ``argv`` inside the node's namespace; it is ended when the node goes away."""
-        proc = self._ns().popen(argv, env=env, **popen)
-        self._processes.append(proc)
-        return proc
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in a thread inside the node's namespace (sockets it opens stay there)."""
-        return self._ns().call(fn)
 
     def info(self) -> info.NodeInfo:
         ns = self.namespace
@@ -139,24 +209,9 @@ class Node:
             imds_local_url=self.imds_local_url,
         )
 
-    def _ns(self) -> Namespace:
-        if self.namespace is None:
-            raise RuntimeError("this Vpc runs without the fabric: nodes have no namespace")
-        return self.namespace
-
     def _stop(self) -> None:
-        for proc in self._processes:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self._processes:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super()._stop()
         self._imds_local.stop()
-        if self.namespace is not None:
-            self.namespace.delete()
 
     def __repr__(self) -> str:
         return f"Node({self.instance_id}, {self.instance_type}, {self.primary_ip})"
@@ -171,8 +226,10 @@ class Vpc:
         self.region = state.region
         self.subnets: list[Subnet] = []
         self.nodes: list[Node] = []
+        self.instances: list[Instance] = []
         self._servers: list[HttpServer] = []
         self._node_seq = itertools.count(1)
+        self._instance_seq = itertools.count(1)
         self._stopped = False
         self.ec2_url = ""
 
@@ -196,7 +253,7 @@ class Vpc:
             with state.lock:
                 state.vpc_id = state.backend.create_vpc(cidr).id
             moto_app = create_backend_app("ec2")
-            loopback = serve(Ec2Frontend(state, moto_app, ControlApp(vpc)), host, port)
+            loopback = serve(Ec2Frontend(state, moto_app, ControlApp(_Control(vpc))), host, port)
             vpc._servers.append(loopback)
             vpc.ec2_url = loopback.url
             if state.fabric is not None:
@@ -272,49 +329,84 @@ class Vpc:
         subnet: Subnet | None = None,
         *,
         pod_cidr: str | None = None,
+        security_groups: Sequence[str] = (),
     ) -> Node:
         """Launch an instance (RunInstances in moto), give it a namespace whose ``eth0`` is its
         primary ENI, and return the node. With ``pod_cidr`` (static provider) the router routes
-        that CIDR to the node's primary IP."""
-        if subnet is None:
-            subnet = (
-                self.subnets[0]
-                if self.subnets
-                else self.add_subnet(str(next(self.cidr.subnets(new_prefix=24))))
-            )
+        that CIDR to the node's primary IP. ``security_groups``: the primary ENI's group ids
+        (none: the VPC's default group)."""
+        subnet = subnet or self._default_subnet()
         netns = Namespace.create(f"node{next(self._node_seq)}") if self._state.fabric else None
+        cidrs = (IPv4Network(pod_cidr),) if pod_cidr else ()
         try:
-
-            def launch() -> Any:
-                reservation = self._state.backend.run_instances(
-                    IMAGE_ID,
-                    1,
-                    None,
-                    [],
-                    instance_type=instance_type,
-                    is_instance_type_default=False,
-                    subnet_id=subnet.id,
-                    region_name=self.region,
-                    placement=None,
-                )
-                instance = reservation.instances[0]
-                if netns is not None:
-                    self._state.nodes[instance.id] = NodeSpec(
-                        instance_id=instance.id,
-                        netns=netns.name,
-                        pod_cidrs=(IPv4Network(pod_cidr),) if pod_cidr else (),
-                    )
-                return instance
-
-            instance = self._state.call(launch)
+            instance = self._launch(instance_type, subnet, netns, cidrs, security_groups)
             imds = serve(ImdsApp(self._state, fixed_instance(instance.id)), "127.0.0.1", 0)
         except BaseException:
             if netns is not None:
                 netns.delete()
             raise
-        node = Node(instance, subnet, netns, imds, IPv4Network(pod_cidr) if pod_cidr else None)
+        node = Node(
+            self._state, instance, subnet, netns, imds, IPv4Network(pod_cidr) if pod_cidr else None
+        )
         self.nodes.append(node)
         return node
+
+    def add_instance(
+        self,
+        subnet: Subnet | None = None,
+        *,
+        security_groups: Sequence[str] = (),
+        instance_type: str = "t3.micro",
+    ) -> Instance:
+        """Launch a plain instance (a database or service VM for tests and the demo): one ENI
+        with ``security_groups`` (none: the VPC's default group) and, with the fabric, its own
+        namespace where ``instance.serve(port)`` runs a TCP or UDP listener."""
+        subnet = subnet or self._default_subnet()
+        netns = Namespace.create(f"vm{next(self._instance_seq)}") if self._state.fabric else None
+        try:
+            instance = self._launch(instance_type, subnet, netns, (), security_groups)
+        except BaseException:
+            if netns is not None:
+                netns.delete()
+            raise
+        made = Instance(self._state, instance, subnet, netns)
+        self.instances.append(made)
+        return made
+
+    def _default_subnet(self) -> Subnet:
+        if self.subnets:
+            return self.subnets[0]
+        return self.add_subnet(str(next(self.cidr.subnets(new_prefix=24))))
+
+    def _launch(
+        self,
+        instance_type: str,
+        subnet: Subnet,
+        netns: Namespace | None,
+        pod_cidrs: tuple[IPv4Network, ...],
+        security_groups: Sequence[str],
+    ) -> Any:
+        def launch() -> Any:
+            reservation = self._state.backend.run_instances(
+                IMAGE_ID,
+                1,
+                None,
+                [],
+                instance_type=instance_type,
+                is_instance_type_default=False,
+                subnet_id=subnet.id,
+                region_name=self.region,
+                placement=None,
+                security_group_ids=list(security_groups),
+            )
+            instance = reservation.instances[0]
+            if netns is not None:
+                self._state.nodes[instance.id] = NodeSpec(
+                    instance_id=instance.id, netns=netns.name, pod_cidrs=pod_cidrs
+                )
+            return instance
+
+        return self._state.call(launch)
 
     def node(self, instance_id: str) -> Node:
         for n in self.nodes:
@@ -326,13 +418,26 @@ class Vpc:
         """Terminate the node's instance (its ENIs detach), stop its processes, delete its
         namespace."""
         self.nodes.remove(node)
+        self._terminate(node)
 
+    def instance(self, instance_id: str) -> Instance:
+        for i in self.instances:
+            if i.instance_id == instance_id:
+                return i
+        raise KeyError(instance_id)
+
+    def remove_instance(self, instance: Instance) -> None:
+        """Terminate a plain instance, stop its listeners and processes, delete its namespace."""
+        self.instances.remove(instance)
+        self._terminate(instance)
+
+    def _terminate(self, instance: Instance) -> None:
         def terminate() -> None:
-            self._state.nodes.pop(node.instance_id, None)
-            self._state.backend.terminate_instances([node.instance_id])
+            self._state.nodes.pop(instance.instance_id, None)
+            self._state.backend.terminate_instances([instance.instance_id])
 
         self._state.call(terminate)
-        node._stop()
+        instance._stop()
 
     def describe(self) -> info.VpcInfo:
         fabric = self._state.fabric
@@ -347,6 +452,7 @@ class Vpc:
             internet_ip=self.internet_ip if fabric else None,
             subnets=[s.info() for s in self.subnets],
             nodes=[n.info() for n in self.nodes],
+            instances=[i.instance_info() for i in self.instances],
         )
 
     def stop(self) -> None:
@@ -355,9 +461,9 @@ class Vpc:
             return
         self._stopped = True
         self._state.close()
-        for node in self.nodes:
+        for machine in [*self.nodes, *self.instances]:
             with contextlib.suppress(Exception):
-                node._stop()
+                machine._stop()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 server.stop()
@@ -382,5 +488,48 @@ class Vpc:
 
     def __repr__(self) -> str:
         return (
-            f"Vpc({self.vpc_id}, {self.cidr}, subnets={len(self.subnets)}, nodes={len(self.nodes)})"
+            f"Vpc({self.vpc_id}, {self.cidr}, subnets={len(self.subnets)}, "
+            f"nodes={len(self.nodes)}, instances={len(self.instances)})"
         )
+
+
+class _Control:
+    """What the control endpoint may do to a ``Vpc`` (``control.VpcControl``), in its terms."""
+
+    def __init__(self, vpc: Vpc) -> None:
+        self._vpc = vpc
+
+    @property
+    def faults(self) -> FaultPlan:
+        return self._vpc.faults
+
+    def describe(self) -> info.VpcInfo:
+        return self._vpc.describe()
+
+    def add_subnet(self, req: info.AddSubnet) -> info.SubnetInfo:
+        return self._vpc.add_subnet(req.cidr, req.az).info()
+
+    def add_node(self, req: info.AddNode) -> info.NodeInfo:
+        vpc = self._vpc
+        subnet = vpc.subnet(req.subnet_id) if req.subnet_id else None
+        node = vpc.add_node(
+            req.instance_type, subnet, pod_cidr=req.pod_cidr, security_groups=req.security_groups
+        )
+        return node.info()
+
+    def remove_node(self, instance_id: str) -> None:
+        self._vpc.remove_node(self._vpc.node(instance_id))
+
+    def add_instance(self, req: info.AddInstance) -> info.InstanceInfo:
+        vpc = self._vpc
+        subnet = vpc.subnet(req.subnet_id) if req.subnet_id else None
+        made = vpc.add_instance(
+            subnet, security_groups=req.security_groups, instance_type=req.instance_type
+        )
+        return made.instance_info()
+
+    def remove_instance(self, instance_id: str) -> None:
+        self._vpc.remove_instance(self._vpc.instance(instance_id))
+
+    def serve(self, instance_id: str, req: info.Serve) -> None:
+        self._vpc.instance(instance_id).serve(req.port, req.protocol)

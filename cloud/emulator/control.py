@@ -1,35 +1,67 @@
 """The control endpoint (JSON over HTTP under ``/_emulator``): the Python API for a process.
 
-GET    /_emulator                       -> VpcInfo
-POST   /_emulator/subnets               {cidr, az?}                   -> SubnetInfo
-POST   /_emulator/nodes                 {instance_type?, subnet_id?, pod_cidr?} -> NodeInfo
+GET    /_emulator                         -> VpcInfo
+POST   /_emulator/subnets                 {cidr, az?}                           -> SubnetInfo
+POST   /_emulator/nodes                   {instance_type?, subnet_id?, pod_cidr?,
+                                           security_groups?}                    -> NodeInfo
 DELETE /_emulator/nodes/<instance-id>
-POST   /_emulator/faults/throttle       {action, count}
-POST   /_emulator/faults/error          {action, count, status?}
-POST   /_emulator/faults/latency        {action, seconds}
-POST   /_emulator/faults/attach-delay   {seconds}
-DELETE /_emulator/faults                (clear every fault)
+POST   /_emulator/instances               {instance_type?, subnet_id?, security_groups?}
+                                                                                -> InstanceInfo
+DELETE /_emulator/instances/<instance-id>
+POST   /_emulator/instances/<id>/serve    {port, protocol?}  (an echo service in the instance)
+POST   /_emulator/faults/throttle         {action, count}
+POST   /_emulator/faults/error            {action, count, status?}
+POST   /_emulator/faults/latency          {action, seconds}
+POST   /_emulator/faults/attach-delay     {seconds}
+DELETE /_emulator/faults                  (clear every fault)
+
+Faults are keyed by EC2 action name (``AssociateTrunkInterface``, ``AuthorizeSecurityGroup
+Ingress``, ...): every action the API serves can be throttled, failed or slowed. The app talks
+to the emulator through ``VpcControl`` only (``api`` provides it), so it imports no part of the
+Python API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from cattrs.errors import BaseValidationError
 
 from cloud.emulator import info
 from cloud.emulator.errors import EmulatorError
-
-if TYPE_CHECKING:
-    from cloud.emulator.api import Vpc
+from cloud.emulator.faults import FaultPlan
 
 T = TypeVar("T")
 
 
+class VpcControl(Protocol):
+    """What the control endpoint may do to a running emulator, in the endpoint's own terms.
+
+    Lookups of unknown ids raise KeyError (answered 404).
+    """
+
+    @property
+    def faults(self) -> FaultPlan: ...
+
+    def describe(self) -> info.VpcInfo: ...
+
+    def add_subnet(self, req: info.AddSubnet) -> info.SubnetInfo: ...
+
+    def add_node(self, req: info.AddNode) -> info.NodeInfo: ...
+
+    def remove_node(self, instance_id: str) -> None: ...
+
+    def add_instance(self, req: info.AddInstance) -> info.InstanceInfo: ...
+
+    def remove_instance(self, instance_id: str) -> None: ...
+
+    def serve(self, instance_id: str, req: info.Serve) -> None: ...
+
+
 class ControlApp:
-    def __init__(self, vpc: Vpc) -> None:
+    def __init__(self, vpc: VpcControl) -> None:
         self.vpc = vpc
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -41,6 +73,8 @@ class ControlApp:
             status, result = self._route(method, path, body)
         except (BaseValidationError, orjson.JSONDecodeError, ValueError) as e:
             status, result = "400 Bad Request", {"error": str(e)}
+        except KeyError as e:
+            status, result = "404 Not Found", {"error": f"no such id: {e.args[0]}"}
         except EmulatorError as e:
             status, result = "500 Internal Server Error", {"error": str(e)}
         except Exception as e:  # moto's EC2 errors (bad subnet id, limits) reach us here
@@ -55,32 +89,34 @@ class ControlApp:
     def _route(self, method: str, path: str, body: bytes) -> tuple[str, Any]:
         vpc, faults = self.vpc, self.vpc.faults
         ok = "200 OK"
-        match method, path:
-            case "GET", "":
+        parts = path.split("/")[1:]
+        match method, parts:
+            case "GET", []:
                 return ok, vpc.describe()
-            case "POST", "/subnets":
-                req = _load(body, info.AddSubnet)
-                return ok, vpc.add_subnet(req.cidr, req.az).info()
-            case "POST", "/nodes":
-                node_req = _load(body, info.AddNode)
-                subnet = vpc.subnet(node_req.subnet_id) if node_req.subnet_id else None
-                node = vpc.add_node(node_req.instance_type, subnet, pod_cidr=node_req.pod_cidr)
-                return ok, node.info()
-            case "DELETE", _ if path.startswith("/nodes/"):
-                vpc.remove_node(vpc.node(path.removeprefix("/nodes/")))
-                return ok, {}
-            case "POST", "/faults/throttle":
+            case "POST", ["subnets"]:
+                return ok, vpc.add_subnet(_load(body, info.AddSubnet))
+            case "POST", ["nodes"]:
+                return ok, vpc.add_node(_load(body, info.AddNode))
+            case "DELETE", ["nodes", instance_id]:
+                vpc.remove_node(instance_id)
+            case "POST", ["instances"]:
+                return ok, vpc.add_instance(_load(body, info.AddInstance))
+            case "DELETE", ["instances", instance_id]:
+                vpc.remove_instance(instance_id)
+            case "POST", ["instances", instance_id, "serve"]:
+                vpc.serve(instance_id, _load(body, info.Serve))
+            case "POST", ["faults", "throttle"]:
                 t = _load(body, info.Throttle)
                 faults.throttle(t.action, t.count)
-            case "POST", "/faults/error":
+            case "POST", ["faults", "error"]:
                 e = _load(body, info.ServerError)
                 faults.error(e.action, e.count, e.status)
-            case "POST", "/faults/latency":
+            case "POST", ["faults", "latency"]:
                 lat = _load(body, info.Latency)
                 faults.latency(lat.action, lat.seconds)
-            case "POST", "/faults/attach-delay":
+            case "POST", ["faults", "attach-delay"]:
                 faults.attach_delay(_load(body, info.AttachDelay).seconds)
-            case "DELETE", "/faults":
+            case "DELETE", ["faults"]:
                 faults.clear()
             case _:
                 return "404 Not Found", {"error": f"no route {method} {path or '/'}"}

@@ -145,3 +145,180 @@ class TrunkAssociationNotFound(EC2ClientError):
         super().__init__(
             "InvalidAssociationID.NotFound", f"Association ID '{association_id}' not found."
         )
+
+
+class InterfaceTypeInvalid(EC2ClientError):
+    def __init__(self, value: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Invalid value '{value}' for InterfaceType: expected interface, efa, efa-only or "
+            "trunk.",
+        )
+
+
+class TrunkNotAttached(EC2ClientError):
+    def __init__(self, trunk_id: str) -> None:
+        super().__init__(
+            "InvalidParameterValue", f"Trunk interface {trunk_id} is not attached to an instance."
+        )
+
+
+class TrunkingNotSupported(EC2ClientError):
+    def __init__(self, trunk_id: str, instance_type: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Trunk interface {trunk_id} is attached to a {instance_type} instance, which does "
+            "not support interface trunking.",
+        )
+
+
+class BranchLimitExceeded(EC2ClientError):
+    def __init__(self, trunk_id: str, instance_type: str, limit: int) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Trunk interface {trunk_id} already has {limit} branch interfaces, the maximum for "
+            f"{instance_type}.",
+        )
+
+
+class BranchAttached(EC2ClientError):
+    def __init__(self, branch_id: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Interface {branch_id} is attached to an instance and cannot be a branch interface.",
+        )
+
+
+class BranchNotPlain(EC2ClientError):
+    def __init__(self, branch_id: str, interface_type: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Interface {branch_id} of type '{interface_type}' cannot be a branch interface.",
+        )
+
+
+class BranchPlacementMismatch(EC2ClientError):
+    def __init__(self, branch_id: str, trunk_id: str, what: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Branch interface {branch_id} and trunk interface {trunk_id} are in different "
+            f"{what}s.",
+        )
+
+
+class GreNotSupported(EC2ClientError):
+    def __init__(self) -> None:
+        super().__init__(
+            "InvalidParameterValue", "Only the VLAN interface protocol is supported: give a VlanId."
+        )
+
+
+class IdempotentParameterMismatch(EC2ClientError):
+    def __init__(self, token: str) -> None:
+        super().__init__(
+            "IdempotentParameterMismatch",
+            f"The client token '{token}' was already used with different parameters.",
+        )
+
+
+class InvalidMaxResults(EC2ClientError):
+    def __init__(self, value: int, low: int, high: int) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Value ({value}) for parameter maxResults is invalid. Expected a value between "
+            f"{low} and {high}.",
+        )
+
+
+class InvalidNextToken(EC2ClientError):
+    def __init__(self, token: str) -> None:
+        super().__init__("InvalidParameterValue", f"The token '{token}' is invalid.")
+
+
+class InvalidFilter(EC2ClientError):
+    def __init__(self, name: str) -> None:
+        super().__init__("InvalidParameterValue", f"The filter '{name}' is invalid")
+
+
+# --- security groups ---
+
+
+class SecurityGroupIdNotFound(EC2ClientError):
+    """An ENI (CreateNetworkInterface, ModifyNetworkInterfaceAttribute) names a group that does
+    not exist: EC2's code here differs from the rules API's ``InvalidGroup.NotFound``."""
+
+    def __init__(self, group_id: str, vpc_id: str) -> None:
+        super().__init__(
+            "InvalidSecurityGroupID.NotFound",
+            f"The security group '{group_id}' does not exist in VPC '{vpc_id}'",
+        )
+
+
+class SecurityGroupsPerInterfaceLimitExceeded(EC2ClientError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "SecurityGroupsPerInterfaceLimitExceeded",
+            f"The maximum number of security groups per interface ({limit}) has been reached.",
+        )
+
+
+class SecurityGroupsRequired(EC2ClientError):
+    def __init__(self) -> None:
+        super().__init__(
+            "InvalidParameterValue", "At least one security group must be given for Groups."
+        )
+
+
+class SecurityGroupOtherNetwork(EC2ClientError):
+    def __init__(self, group_id: str, subnet_id: str) -> None:
+        super().__init__(
+            "InvalidParameter",
+            f"Security group {group_id} and subnet {subnet_id} belong to different networks.",
+        )
+
+
+class CannotDeleteDefaultGroup(EC2ClientError):
+    def __init__(self, group_id: str) -> None:
+        super().__init__(
+            "CannotDelete",
+            f'the specified group: "{group_id}" name: "default" cannot be deleted by a user',
+        )
+
+
+class GroupHasDependents(EC2ClientError):
+    def __init__(self, group_id: str) -> None:
+        super().__init__("DependencyViolation", f"resource {group_id} has a dependent object")
+
+
+class UnknownProtocol(EC2ClientError):
+    def __init__(self, value: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Invalid value '{value}' for IP protocol. Unknown protocol.",
+        )
+
+
+class PortRangeMissing(EC2ClientError):
+    def __init__(self, protocol: str) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Invalid value for portRange. Must specify both from and to ports with "
+            f"{protocol.upper()}.",
+        )
+
+
+class PortRangeInvalid(EC2ClientError):
+    def __init__(self, protocol: str, low: int, high: int) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Invalid {protocol.upper()} port range: {low} to {high}.",
+        )
+
+
+class IcmpTypeCodeInvalid(EC2ClientError):
+    def __init__(self, icmp_type: int, icmp_code: int) -> None:
+        super().__init__(
+            "InvalidParameterValue",
+            f"Invalid ICMP type {icmp_type} / code {icmp_code}: both -1 or 0-255, and a code "
+            "only with a type.",
+        )

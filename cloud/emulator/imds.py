@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cloud.emulator import rules
+from cloud.emulator import backend_state, rules
 from cloud.emulator.state import CloudState
 
 TOKEN_PATH = "/latest/api/token"
@@ -45,7 +45,7 @@ def metadata_tree(instance: Any, backend: Any) -> dict[str, str]:
         tree["local-ipv4"] = primary.private_ip_address
         tree["local-hostname"] = tree["hostname"] = instance.private_dns_name
     for index, eni in sorted(instance.nics.items()):
-        if rules.is_attaching(eni):
+        if backend_state.is_attaching(eni):
             continue
         vpc = backend.get_vpc(eni.subnet.vpc_id)
         vpc_cidrs = [a["cidr_block"] for a in vpc.cidr_block_association_set] or [vpc.cidr_block]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 from cattrs.preconf.orjson import make_converter
 
@@ -34,6 +36,21 @@ class NodeInfo:
 
 
 @attrs.frozen(kw_only=True)
+class InstanceInfo:
+    """A plain instance (``Vpc.add_instance``): one ENI, its own namespace."""
+
+    instance_id: str
+    instance_type: str
+    subnet_id: str
+    eni_id: str
+    primary_ip: str
+    mac: str
+    security_groups: list[str]
+    netns: str | None
+    netns_path: str | None
+
+
+@attrs.frozen(kw_only=True)
 class VpcInfo:
     vpc_id: str
     cidr: str
@@ -45,6 +62,7 @@ class VpcInfo:
     internet_ip: str | None
     subnets: list[SubnetInfo]
     nodes: list[NodeInfo]
+    instances: list[InstanceInfo] = attrs.field(factory=list)
 
 
 @attrs.frozen(kw_only=True)
@@ -58,6 +76,22 @@ class AddNode:
     instance_type: str = "m5.large"
     subnet_id: str | None = None
     pod_cidr: str | None = None
+    security_groups: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen(kw_only=True)
+class AddInstance:
+    instance_type: str = "t3.micro"
+    subnet_id: str | None = None
+    security_groups: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen(kw_only=True)
+class Serve:
+    """Start an echo service in an instance's namespace."""
+
+    port: int
+    protocol: Literal["tcp", "udp"] = "tcp"
 
 
 @attrs.frozen(kw_only=True)

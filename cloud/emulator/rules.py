@@ -4,11 +4,12 @@ Theory of operation: moto keeps the state and serialises it; ``apply()`` (idempo
 the few backend methods whose behaviour the agent depends on and moto gets wrong or skips:
 address allocation (a collision-free allocator per subnet instead of moto's random picker),
 ENI and IP limits per instance type, attach/detach/delete rules, /28 prefix delegation, the
-``attaching`` phase, trunk associations, the missing DescribeNetworkInterfaces filters, and
-terminating an instance detaching its ENIs. Every refusal is an ``EC2ClientError`` with EC2's own
-code (``ec2_errors``). Emulator-only state lives on moto's objects under ``_podwire*`` names, so
-it disappears with them when moto's state is reset. The request handlers that use the new
-parameters are in ``actions``.
+``attaching`` phase, the missing DescribeNetworkInterfaces filters, and terminating an instance
+detaching its ENIs. Security groups are ``groups``' and trunk associations ``trunks``' (this
+module applies both and drops associations when their ENIs go). Every refusal is an
+``EC2ClientError`` with EC2's own code (``ec2_errors``). Emulator-only state lives on moto's
+objects under ``_podwire*`` names (``backend_state``), so it disappears with them when moto's
+state is reset. The request handlers that use the new parameters are in ``actions``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from moto.ec2.models.instance_types import INSTANCE_TYPES
 from moto.ec2.models.instances import Instance
 from moto.ec2.models.subnets import Subnet
 
-from cloud.emulator import ec2_errors
+from cloud.emulator import ec2_errors, groups, trunks
 from cloud.emulator.allocator import SubnetAllocator
+from cloud.emulator.backend_state import extras, is_attaching
 from cloud.emulator.errors import (
     AddressInUse,
     AddressOutsideSubnet,
@@ -62,34 +64,6 @@ def limits_for(instance_type: str) -> EniLimits | None:
     )
 
 
-@attrs.frozen(kw_only=True)
-class TrunkAssociation:
-    """One branch ENI reached through a VLAN of a trunk ENI (attribute names = EC2's shape)."""
-
-    association_id: str
-    branch_interface_id: str
-    trunk_interface_id: str
-    vlan_id: int
-    interface_protocol: str = "VLAN"
-
-
-@attrs.define
-class BackendExtras:
-    """Emulator state kept beside one moto EC2 backend."""
-
-    attach_delay: float = 0.0
-    attaching_until: dict[str, float] = attrs.field(factory=dict)
-    trunk_associations: dict[str, TrunkAssociation] = attrs.field(factory=dict)
-
-
-def extras(backend: Any) -> BackendExtras:
-    """Return the emulator state of a moto EC2 backend, creating it on first use."""
-    found = backend.__dict__.get("_podwire")
-    if found is None:
-        found = backend.__dict__["_podwire"] = BackendExtras()
-    return found  # type: ignore[no-any-return]
-
-
 def allocator_of(subnet: Any) -> SubnetAllocator:
     """Return the allocator of a moto subnet, creating it on first use."""
     found = subnet.__dict__.get("_podwire_alloc")
@@ -113,12 +87,6 @@ def private_ips_of(eni: Any) -> list[str]:
     ips = [item["PrivateIpAddress"] for item in eni.private_ip_addresses]
     ips.sort(key=lambda ip: ip != eni.private_ip_address)
     return ips
-
-
-def is_attaching(eni: Any) -> bool:
-    """Whether an injected attach delay still holds the ENI in the ``attaching`` phase."""
-    deadline = extras(eni.ec2_backend).attaching_until.get(eni.id)
-    return deadline is not None and time.monotonic() < deadline
 
 
 def _slots(eni: Any) -> int:
@@ -230,6 +198,10 @@ _orig_terminate = Instance.terminate
 _orig_prep_nics = Instance.prep_nics
 
 
+# What CreateNetworkInterface accepts (a branch is an ordinary ENI, associated later).
+INTERFACE_TYPES = frozenset({"interface", "trunk", "efa", "efa-only"})
+
+
 def create_network_interface(
     self: Any,
     subnet: Any,
@@ -242,7 +214,8 @@ def create_network_interface(
     **kwargs: Any,
 ) -> NetworkInterface:
     """CreateNetworkInterface with every address from the subnet's allocator (no collisions),
-    ``Ipv4PrefixCount`` / ``Ipv4Prefixes`` and ``InterfaceType`` honoured."""
+    ``Ipv4PrefixCount`` / ``Ipv4Prefixes`` and ``InterfaceType`` honoured, and the groups
+    checked as EC2 does (``groups.eni_groups``)."""
     if isinstance(subnet, str):
         subnet = self.get_subnet(subnet)
     if isinstance(private_ip_address, list):
@@ -262,8 +235,11 @@ def create_network_interface(
     prefix_count = int(kwargs.pop("ipv4_prefix_count", None) or 0)
     prefixes = list(kwargs.pop("ipv4_prefixes", None) or [])
     interface_type = kwargs.pop("interface_type", None) or "interface"
+    if interface_type not in INTERFACE_TYPES:
+        raise ec2_errors.InterfaceTypeInvalid(interface_type)
     if (wanted or count) and (prefixes or prefix_count):
         raise ec2_errors.MixedAddressesAndPrefixes()
+    group_ids = [g.id for g in groups.eni_groups(self, group_ids or [], subnet)]
 
     preclaimed = _preclaimed(subnet)
     with _Taking(allocator_of(subnet)) as taking:
@@ -304,10 +280,8 @@ def delete_network_interface(self: Any, eni_id: str) -> None:
     if eni.instance is not None:
         raise ec2_errors.NetworkInterfaceInUse(eni_id)
     _release_all(eni)
-    trunks = extras(self).trunk_associations
-    for assoc_id, assoc in list(trunks.items()):
-        if eni_id in (assoc.branch_interface_id, assoc.trunk_interface_id):
-            del trunks[assoc_id]
+    # The trunk's associations go with it; so does a deleted branch's own.
+    extras(self).trunks.drop_eni(eni_id)
     del self.enis[eni_id]
 
 
@@ -320,7 +294,7 @@ def attach_network_interface(
     eni = self.get_network_interface(eni_id)
     instance = self.get_instance(instance_id)
     device_index = int(device_index)
-    if eni.instance is not None:
+    if eni.instance is not None or extras(self).trunks.of_branch(eni_id) is not None:
         raise ec2_errors.NetworkInterfaceInUse(eni_id)
     if instance.state not in ("pending", "running", "stopped"):
         raise ec2_errors.IncorrectInstanceState(instance_id, instance.state)
@@ -350,6 +324,7 @@ def detach_network_interface(self: Any, attachment_id: str, *args: Any) -> None:
                 raise ec2_errors.PrimaryInterfaceDetach()
             eni.instance.detach_eni(eni)
             extras(self).attaching_until.pop(eni.id, None)
+            extras(self).trunks.drop_eni(eni.id)
             return
     raise InvalidNetworkAttachmentIdError(attachment_id)
 
@@ -489,6 +464,7 @@ def _terminate(self: Instance) -> Any:
         delete = bool(nic.delete_on_termination)
         self.detach_eni(nic)
         extras(backend).attaching_until.pop(nic.id, None)
+        extras(backend).trunks.drop_eni(nic.id)
         if delete:
             backend.delete_network_interface(nic.id)
     return _orig_terminate(self)
@@ -522,6 +498,8 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    groups.apply()
+    trunks.apply()
     Subnet.get_available_subnet_ip = _subnet_get_available_ip  # type: ignore[method-assign]
     Subnet.request_ip = _subnet_request_ip  # type: ignore[method-assign]
     Subnet.del_subnet_ip = _subnet_del_ip  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ from typing import Any
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
-from cloud.emulator import rules
+from cloud.emulator import backend_state, rules
 from cloud.emulator.errors import FabricError
 from cloud.emulator.fabric import Fabric
 from cloud.emulator.faults import FaultPlan
@@ -94,10 +94,10 @@ class CloudState:
 
     def _set_attach_delay(self, seconds: float) -> None:
         with self.lock:
-            rules.extras(self.backend).attach_delay = seconds
+            backend_state.extras(self.backend).attach_delay = seconds
 
     def _schedule_attach_timer(self) -> None:
-        pending = rules.extras(self.backend).attaching_until
+        pending = backend_state.extras(self.backend).attaching_until
         now = time.monotonic()
         for eni_id in [e for e, t in pending.items() if t <= now]:
             del pending[eni_id]

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from cloud.emulator import rules
+from cloud.emulator import backend_state, rules
 
 
 @attrs.frozen(kw_only=True)
@@ -60,7 +60,7 @@ def desired_wiring(backend: Any, vpc_id: str, nodes: Iterable[NodeSpec]) -> Wiri
         if instance.state not in ("pending", "running"):
             continue
         for index, eni in instance.nics.items():
-            if rules.is_attaching(eni):
+            if backend_state.is_attaching(eni):
                 continue
             cidr = IPv4Network(eni.subnet.cidr_block)
             primary = index == 0

@@ -244,53 +244,6 @@ async def test_prefix_delegation_carves_free_28s_until_none_is_left(cloud: Vpc, 
     assert [p["Ipv4Prefix"] for p in with_prefix["Ipv4Prefixes"]] == [prefixes[0]]
 
 
-async def test_trunk_associations_with_vlan_ids(cloud: Vpc, ec2: Any) -> None:
-    subnet = cloud.add_subnet("10.0.1.0/24")
-    trunk = (await new_eni(ec2, subnet.id, InterfaceType="trunk"))["NetworkInterfaceId"]
-    branch = (await new_eni(ec2, subnet.id, InterfaceType="branch"))["NetworkInterfaceId"]
-    branch2 = (await new_eni(ec2, subnet.id, InterfaceType="branch"))["NetworkInterfaceId"]
-    plain = (await new_eni(ec2, subnet.id))["NetworkInterfaceId"]
-    reply = await ec2.associate_trunk_interface(
-        BranchInterfaceId=branch, TrunkInterfaceId=trunk, VlanId=10
-    )
-    association = reply["InterfaceAssociation"]
-    assert (
-        association["BranchInterfaceId"],
-        association["TrunkInterfaceId"],
-        association["VlanId"],
-    ) == (branch, trunk, 10)
-    with raises("InvalidParameterValue"):  # VLAN taken on this trunk
-        await ec2.associate_trunk_interface(
-            BranchInterfaceId=branch2, TrunkInterfaceId=trunk, VlanId=10
-        )
-    with raises("InvalidParameterValue"):  # branch already associated
-        await ec2.associate_trunk_interface(
-            BranchInterfaceId=branch, TrunkInterfaceId=trunk, VlanId=11
-        )
-    with raises("InvalidParameterValue"):  # not a trunk
-        await ec2.associate_trunk_interface(
-            BranchInterfaceId=branch2, TrunkInterfaceId=plain, VlanId=12
-        )
-    with raises("InvalidParameterValue"):
-        await ec2.associate_trunk_interface(
-            BranchInterfaceId=branch2, TrunkInterfaceId=trunk, VlanId=4095
-        )
-    await ec2.associate_trunk_interface(
-        BranchInterfaceId=branch2, TrunkInterfaceId=trunk, VlanId=11
-    )
-    found = await ec2.describe_trunk_interface_associations(
-        Filters=[{"Name": "trunk-interface-association.branch-interface-id", "Values": [branch]}]
-    )
-    assert [a["AssociationId"] for a in found["InterfaceAssociations"]] == [
-        association["AssociationId"]
-    ]
-    await ec2.disassociate_trunk_interface(AssociationId=association["AssociationId"])
-    left = await ec2.describe_trunk_interface_associations()
-    assert [a["VlanId"] for a in left["InterfaceAssociations"]] == [11]
-    with raises("InvalidAssociationID.NotFound"):
-        await ec2.disassociate_trunk_interface(AssociationId=association["AssociationId"])
-
-
 async def test_attachment_and_secondary_ip_filters(cloud: Vpc, ec2: Any) -> None:
     subnet = cloud.add_subnet("10.0.1.0/24")
     node = cloud.add_node("m5.large", subnet)
