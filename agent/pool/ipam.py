@@ -6,6 +6,11 @@ in exactly one state:
 
     free --assign--> assigned --release--> cooling --(cooldown elapsed)--> free
 
+An address can also be *withdrawn* when its block leaves the node (a GCE alias range shrinks):
+free and cooling ones leave at once; an assigned one stays with its pod, outside every block,
+and leaves the pool when the pod releases it instead of cooling, so it is never handed out
+again (``withdraw``, ``withdrawn_in_use``).
+
 A released address cools for ``cooldown`` seconds before it is handed out again, so a
 connection or a conntrack entry of the old pod never reaches the new one (Amazon VPC CNI's
 IP_COOLDOWN_PERIOD). Free addresses are handed out first-in first-out, so the address that has
@@ -96,14 +101,18 @@ class IpPool:
     # -- blocks -------------------------------------------------------------------------------
 
     def add_block(self, owner: str, ips: Iterable[IPv4Address], *, table: int | None = None) -> int:
-        """Add addresses owned by ``owner`` as free; return how many were new."""
+        """Add addresses owned by ``owner`` as free; return how many were new.
+
+        A withdrawn address a pod still holds comes back to ``owner`` as assigned, never free.
+        """
         self._tables[owner] = table
         added = 0
         for ip in ips:
             if ip in self._owner:
                 continue
             self._owner[ip] = owner
-            self._free[ip] = None
+            if ip not in self._assigned:
+                self._free[ip] = None
             added += 1
         return added
 
@@ -121,6 +130,47 @@ class IpPool:
             del self._owner[ip]
             removed.append(ip)
         return removed
+
+    def withdraw(self, ips: Iterable[IPv4Address]) -> tuple[list[IPv4Address], list[IPv4Address]]:
+        """Take addresses out of the pool for good; return (removed, still in use).
+
+        Free and cooling addresses leave at once. An assigned one stays with its pod but belongs
+        to no block any more: ``release`` then drops it instead of cooling it, so it is never
+        handed out again (unless a block brings it back). Addresses the pool does not hold are
+        ignored.
+        """
+        removed: list[IPv4Address] = []
+        in_use: list[IPv4Address] = []
+        for ip in ips:
+            if ip not in self._owner:
+                continue
+            del self._owner[ip]
+            if ip in self._assigned:
+                in_use.append(ip)
+            else:
+                self._free.pop(ip, None)
+                self._cooling.pop(ip, None)
+                removed.append(ip)
+        return removed, in_use
+
+    def withdrawn_in_use(self) -> dict[IPv4Address, PodKey]:
+        """Addresses withdrawn while a pod holds them, with their holders."""
+        return {ip: k for ip, k in self._assigned.items() if ip not in self._owner}
+
+    def move(self, ips: Iterable[IPv4Address], owner: str, *, table: int | None = None) -> int:
+        """Give addresses the pool holds to ``owner`` (their state is unchanged); return how
+        many moved."""
+        self._tables.setdefault(owner, table)
+        moved = 0
+        for ip in ips:
+            if self._owner.get(ip, owner) != owner:
+                self._owner[ip] = owner
+                moved += 1
+        return moved
+
+    def owner_of(self, ip: IPv4Address) -> str | None:
+        """The block ``ip`` belongs to, or None (not in the pool, or withdrawn)."""
+        return self._owner.get(ip)
 
     def drop_owner_if_empty(self, owner: str) -> bool:
         """Forget ``owner`` when it holds no addresses; return whether it was dropped."""
