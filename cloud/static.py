@@ -22,6 +22,15 @@ def usable_hosts(
     return tuple(ip for ip in hosts if ip not in skip)
 
 
+def first_overlap(cidrs: Sequence[IPv4Network]) -> tuple[IPv4Network, IPv4Network] | None:
+    """The first two of ``cidrs`` that overlap (a repeat included), or None."""
+    for i, a in enumerate(cidrs):
+        for b in cidrs[i + 1 :]:
+            if a.overlaps(b):
+                return a, b
+    return None
+
+
 class StaticProvider:
     name = "static"
     can_grow = False
