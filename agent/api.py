@@ -81,6 +81,7 @@ class AgentApi:
         gc: GcService | None = None,
         provider: Any = None,
         refiller: Any = None,
+        ranges: Any = None,
     ) -> None:
         self.cni = cni
         self.cfg = cfg
@@ -90,6 +91,7 @@ class AgentApi:
         self.gc = gc
         self.provider = provider
         self.refiller = refiller
+        self.ranges = ranges
         self.started_at = time.time()
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
@@ -197,6 +199,7 @@ class AgentApi:
                 "cooling": pool.cooling,
                 "available": pool.available(now),
                 "cooldown_s": pool.cooldown,
+                "withdrawn_in_use": len(pool.withdrawn_in_use()),
             },
             "checkpoint": {
                 "path": str(self.cni.checkpoint.path),
@@ -226,6 +229,16 @@ class AgentApi:
         if self.refiller is not None:
             out["refiller"] = attrs.asdict(self.refiller.status())
             out["targets"] = attrs.asdict(self.refiller.targets)
+        # addresses that left the node's ranges while a pod holds them (never handed out again)
+        out["withdrawn_in_use"] = [
+            {"ip": str(ip), "key": str(k)}
+            for ip, k in sorted(self.cni.pool.withdrawn_in_use().items())
+        ]
+        if self.ranges is not None:
+            out["ranges"] = self.ranges.status()
+        status = getattr(self.provider, "status", None)
+        if callable(status):
+            out["provider_status"] = status()
         return out
 
     async def _events(self, replay: bool) -> AsyncIterator[dict[str, Any]]:

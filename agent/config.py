@@ -51,7 +51,7 @@ class AgentSection:
 
 @attrs.frozen(kw_only=True)
 class ProviderSection:
-    kind: Literal["static", "aws"] = "static"
+    kind: Literal["static", "aws", "gce"] = "static"
 
 
 @attrs.frozen(kw_only=True)
@@ -138,6 +138,24 @@ class AwsSection:
 
 
 @attrs.frozen(kw_only=True)
+class GceSection:
+    # GKE VPC-native: pod addresses are the alias IP ranges of the node's NIC, read from the GCE
+    # metadata server (metadata.google.internal is this address) and followed as they change.
+    metadata_url: str = "http://169.254.169.254/computeMetadata/v1"
+    network_interface: int = 0
+    reserved: tuple[IPv4Address, ...] = ()  # never handed to a pod, even inside a range
+    watch_timeout: int = 60  # timeout_sec of each wait_for_change long poll
+    request_timeout: float = 5.0
+    retry_base: float = 1.0  # backoff while the metadata server is unreachable
+    retry_cap: float = 30.0
+    # SNAT as ip-masq-agent (its names): destinations in nonMasqueradeCIDRs keep the pod's
+    # address (added to RFC 1918, the node's subnet and ranges, and link-local unless
+    # masqLinkLocal); everything else leaves as the node's address.
+    nonMasqueradeCIDRs: tuple[IPv4Network, ...] = ()
+    masqLinkLocal: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class GcSection:
     # Garbage collection: looks every interval, and at once when a pod's host veth vanishes.
     interval: float = 60.0
@@ -158,12 +176,15 @@ class Config:
     snat: SnatSection = SnatSection()
     aws: AwsSection = AwsSection()
     gc: GcSection = GcSection()
+    gce: GceSection = GceSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
     def mtu(self) -> int:
         if self.agent.mtu:
             return self.agent.mtu
+        if self.provider.kind == "gce":
+            return 1460  # the MTU of a GCE VPC unless it was created otherwise
         return 9001 if self.provider.kind == "aws" else 1500
 
     @property
@@ -181,6 +202,7 @@ SECTIONS: dict[str, type[Any]] = {
     "snat": SnatSection,
     "aws": AwsSection,
     "gc": GcSection,
+    "gce": GceSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
@@ -332,6 +354,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError("static.cidrs", "the static provider needs at least one pod CIDR")
     _check_health(cfg.health)
     _check_cni(cfg.cni)
+    _check_gce(cfg.gce)
     nets = cfg.static.cidrs
     for i, n in enumerate(nets):
         for m in nets[i + 1 :]:
@@ -346,6 +369,19 @@ def _check_health(h: HealthSection) -> None:
         raise ConfigError("health.address", f"{h.address!r} is not an IP address") from None
     if not 0 <= h.port <= 65535:
         raise ConfigError("health.port", f"{h.port} is outside 0..65535")
+
+
+def _check_gce(g: GceSection) -> None:
+    if not g.metadata_url.startswith(("http://", "https://")):
+        raise ConfigError("gce.metadata_url", f"{g.metadata_url!r} is not an http(s) URL")
+    if g.network_interface < 0:
+        raise ConfigError("gce.network_interface", "must not be negative")
+    if not 1 <= g.watch_timeout <= 3600:
+        raise ConfigError("gce.watch_timeout", f"{g.watch_timeout} is outside 1..3600")
+    if g.request_timeout <= 0:
+        raise ConfigError("gce.request_timeout", "must be positive")
+    if g.retry_base <= 0 or g.retry_cap < g.retry_base:
+        raise ConfigError("gce.retry_cap", "retry_base must be positive and retry_cap at least it")
 
 
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

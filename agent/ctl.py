@@ -56,7 +56,12 @@ def show_status(st: dict[str, Any]) -> str:
         f"Pods:       {st['pods']}",
         f"Pool:       {pool['total']} total, {pool['assigned']} assigned, "
         f"{pool['cooling']} cooling, "
-        f"{pool['available']} available (cooldown {pool['cooldown_s']:g}s)",
+        f"{pool['available']} available (cooldown {pool['cooldown_s']:g}s)"
+        + (
+            f", {pool['withdrawn_in_use']} withdrawn but in use"
+            if pool.get("withdrawn_in_use")
+            else ""
+        ),
         f"Checkpoint: {st['checkpoint']['path']} ({st['checkpoint']['writes']} writes)",
         f"SNAT:       {show_snat_line(st.get('snat', {}))}",
     ]
@@ -111,6 +116,17 @@ def show_pool(pool: dict[str, Any]) -> str:
             + (f", fallback to /32 ({r['fallback']['code']})" if r["fallback"] else "")
             + (f", last error: {r['last_error']}" if r["last_error"] else "")
         )
+    if "ranges" in pool:
+        r, md = pool["ranges"], pool.get("provider_status") or {}
+        tail += (
+            f"\nalias ranges: {', '.join(r['ranges']) or 'none'} ({r['changes']} changes"
+            + (f", etag {md['etag']}" if md.get("etag") else "")
+            + (f", last error: {md['last_error']}" if md.get("last_error") else "")
+            + (f", refused: {r['last_error']}" if r.get("last_error") else "")
+            + ")"
+        )
+    for w in pool.get("withdrawn_in_use", []):
+        tail += f"\nwithdrawn, still in use (never handed out again): {w['ip']} by {w['key']}"
     return head + table(rows, ("eni/cidr", "table", "total", "assigned", "cooling", "free")) + tail
 
 

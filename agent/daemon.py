@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -45,9 +45,11 @@ from agent.metrics import Metrics
 from agent.pool import refiller
 from agent.pool.ipam import IpPool
 from agent.pool.pool_math import InstanceLimits, max_pods
+from agent.pool.ranges import RangeFollower, RangeSource
 from agent.repair import Repairer
+from agent.snat.masq import IpMasqPolicy, ip_masq_facts
 from agent.snat.service import SnatService, pool_cidrs
-from cloud.provider import Provider
+from cloud.provider import NodeFacts, Provider
 from cloud.static import StaticProvider
 from netlink.veth import Datapath
 from netlink.watcher import Watcher
@@ -62,6 +64,8 @@ async def open_provider(
     """The configured provider; an aws provider's clients live as long as ``stack``."""
     if cfg.provider.kind == "static":
         return StaticProvider(cfg.static.cidrs, cfg.static.reserved)
+    if cfg.provider.kind == "gce":
+        return await open_gce_provider(cfg, stack)
     from cloud.aws.ec2 import RetryPolicy, open_ec2
     from cloud.aws.imds import Imds
     from cloud.aws.provider import AwsProvider, AwsSettings, NetlinkEniLinks
@@ -98,6 +102,24 @@ async def open_provider(
     return AwsProvider(
         imds=imds, ec2=ec2, link_waiter=watcher, links=NetlinkEniLinks(None), settings=settings
     )
+
+
+async def open_gce_provider(cfg: Config, stack: AsyncExitStack) -> Provider:
+    """The gce provider; its metadata client lives as long as ``stack``."""
+    from cloud.gce import GceMetadata, GceProvider, GceSettings
+
+    g = cfg.gce
+    metadata = await stack.enter_async_context(
+        GceMetadata(g.metadata_url, timeout=g.request_timeout)
+    )
+    settings = GceSettings(
+        nic=g.network_interface,
+        reserved=g.reserved,
+        watch_timeout=g.watch_timeout,
+        retry_base=g.retry_base,
+        retry_cap=g.retry_cap,
+    )
+    return GceProvider(metadata, settings)
 
 
 async def _restore_until_reachable(
@@ -254,13 +276,17 @@ async def run(
             metrics.watch_health(health)
             health.add_check(POOL_CAN_SERVE, lambda: pool_readiness(cni.pool, cni.clock()))
 
+            snat_facts = provider.facts
+            if provider.name == "gce":  # SNAT as GKE's ip-masq-agent does it
+                snat_facts = partial(ip_masq_facts_of, provider, cfg)
             snat = SnatService(
                 cfg.snat,
-                facts=provider.facts,
+                facts=snat_facts,
                 metrics=metrics,
                 events=events,
                 pod_cidrs=lambda: pool_cidrs(
-                    cni.pool, provider.facts().pod_cidrs if provider.name == "static" else ()
+                    cni.pool,
+                    provider.facts().pod_cidrs if provider.name in ("static", "gce") else (),
                 ),
             )
 
@@ -268,11 +294,16 @@ async def run(
                 cni.notify_pool_changed()
                 snat.changed()
 
-            pool_refiller = None
+            pool_refiller = range_follower = None
             if provider.name == "aws":
                 pool_refiller = await _start_aws_services(
                     cfg, tg, health, cni, provider, pool_changed
                 )
+            if provider.name == "gce":
+                follower = RangeFollower(
+                    cni.pool, cast(RangeSource, provider), on_change=pool_changed, events=events
+                )
+                range_follower = await tg.start(health.run, "alias-ranges", follower.run)
             replayed, kept = await spool.replay(Path(cfg.agent.spool_dir), cni.delete)
             if cfg.snat.enabled and (provider.facts().vpc_cidrs or cfg.snat.vpc_cidrs):
                 await tg.start(health.run, "snat", snat.serve)
@@ -306,6 +337,7 @@ async def run(
                 gc=gc,
                 provider=provider,
                 refiller=pool_refiller,
+                ranges=range_follower,
             )
             await tg.start(
                 health.run,
@@ -350,6 +382,14 @@ async def run(
             task_status.started()
     finally:
         datapath.close()
+
+
+def ip_masq_facts_of(provider: Provider, cfg: Config) -> NodeFacts:
+    """The provider's facts with ip-masq-agent's non-masquerade set as the VPC CIDRs."""
+    policy = IpMasqPolicy(
+        non_masquerade_cidrs=cfg.gce.nonMasqueradeCIDRs, masq_link_local=cfg.gce.masqLinkLocal
+    )
+    return ip_masq_facts(provider.facts(), policy)
 
 
 def _group_id(name: str) -> int | None:

@@ -44,7 +44,7 @@ class PoolCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         addresses = GaugeMetricFamily(
             f"{PREFIX}pool_addresses",
             "Pod addresses of the node's pool by owner (ENI or CIDR) and state.",
@@ -53,17 +53,23 @@ class PoolCollector(Collector):
         cooldown = GaugeMetricFamily(
             f"{PREFIX}pool_cooldown_seconds", "How long a released address cools before reuse."
         )
-        return addresses, cooldown
+        withdrawn = GaugeMetricFamily(
+            f"{PREFIX}pool_withdrawn_in_use",
+            "Addresses that left the node's ranges while a pod holds them (never reused).",
+        )
+        return addresses, cooldown, withdrawn
 
     def collect(self) -> Iterator[Metric]:
-        addresses, cooldown = self._families()
+        addresses, cooldown, withdrawn = self._families()
         for c in self.pool.owner_counts(self.clock()):
             addresses.add_metric((c.owner, "free"), c.total - c.assigned - c.cooling)
             addresses.add_metric((c.owner, "assigned"), c.assigned)
             addresses.add_metric((c.owner, "cooling"), c.cooling)
         cooldown.add_metric((), self.pool.cooldown)
+        withdrawn.add_metric((), len(self.pool.withdrawn_in_use()))
         yield addresses
         yield cooldown
+        yield withdrawn
 
 
 class RpcCollector(Collector):

@@ -89,9 +89,30 @@ class EniSetupFailed(CloudError):
 
 
 class MetadataError(CloudError):
-    """The instance metadata service answered ``status`` for ``path``."""
+    """The instance metadata service (``service``: IMDS, GCE) answered ``status`` for ``path``."""
 
-    def __init__(self, path: str, status: int) -> None:
-        super().__init__(f"IMDS {path}: HTTP {status}")
+    def __init__(self, path: str, status: int, service: str = "IMDS") -> None:
+        super().__init__(f"{service} {path}: HTTP {status}")
         self.path = path
         self.status = status
+        self.service = service
+
+
+class NotGceMetadata(CloudError):
+    """What answered at ``url`` is not a GCE metadata server: its reply lacks the
+    ``Metadata-Flavor: Google`` header (a proxy, or the wrong address)."""
+
+    def __init__(self, url: str, status: int) -> None:
+        super().__init__(f"{url}: HTTP {status} without Metadata-Flavor: Google (not GCE metadata)")
+        self.url = url
+        self.status = status
+
+
+class BadMetadata(CloudError):
+    """A metadata value at ``path`` cannot be used (``value`` as given, ``reason`` why)."""
+
+    def __init__(self, path: str, value: str, reason: str) -> None:
+        super().__init__(f"metadata {path}: {value!r}: {reason}")
+        self.path = path
+        self.value = value
+        self.reason = reason

@@ -91,10 +91,15 @@ def desired_spec(
     )
 
 
-def pool_cidrs(pool: IpPool, static_cidrs: tuple[IPv4Network, ...]) -> tuple[IPv4Network, ...]:
-    """Pod sources to SNAT: the static CIDRs, else every address the pool owns, collapsed."""
-    if static_cidrs:
-        return static_cidrs
+def pool_cidrs(pool: IpPool, ranges: tuple[IPv4Network, ...]) -> tuple[IPv4Network, ...]:
+    """Pod sources to SNAT: the node's ranges (static, gce) and the addresses pods still hold
+    outside them (withdrawn from a range that shrank), else every address the pool owns,
+    collapsed."""
+    if ranges:
+        outside = [
+            IPv4Network(ip) for ip in pool.withdrawn_in_use() if not any(ip in r for r in ranges)
+        ]
+        return tuple(collapse_addresses([*ranges, *outside])) if outside else ranges
     return tuple(collapse_addresses(IPv4Network(ip) for ip in pool.addresses()))
 
 

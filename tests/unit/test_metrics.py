@@ -58,6 +58,7 @@ def test_names_labels_and_types_follow_the_conventions() -> None:
     expected = {
         "podwire_pool_addresses": "gauge",
         "podwire_pool_cooldown_seconds": "gauge",
+        "podwire_pool_withdrawn_in_use": "gauge",
         "podwire_cni_requests": "counter",
         "podwire_cni_request_duration_seconds": "histogram",
         "podwire_ec2_requests": "counter",
