@@ -29,6 +29,7 @@ from cloud.emulator.control import ControlApp
 from cloud.emulator.echo import EchoServer
 from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, Fabric
 from cloud.emulator.faults import FaultPlan
+from cloud.emulator.gce_metadata import GceMetadataApp, GceMetadataServer, MetadataRouter
 from cloud.emulator.imds import ImdsApp, by_source_address, fixed_instance
 from cloud.emulator.netns import Namespace
 from cloud.emulator.server import Ec2Frontend, HttpServer, serve
@@ -189,6 +190,11 @@ class Node(Instance):
         return f"http://{METADATA_IP}:{EC2_PORT_IN_VPC}"
 
     @property
+    def gce_metadata_url(self) -> str:
+        """The GCE metadata server's base URL as seen from inside the node's namespace."""
+        return f"http://{METADATA_IP}/computeMetadata/v1"
+
+    @property
     def imds_local_url(self) -> str:
         """This node's IMDS on the machine's loopback (for tests and tools outside the node)."""
         return self._imds_local.url
@@ -232,6 +238,8 @@ class Vpc:
         self._instance_seq = itertools.count(1)
         self._stopped = False
         self.ec2_url = ""
+        self.gce_metadata = GceMetadataServer(state, self._initial_aliases)
+        self._gce_local: dict[str, HttpServer] = {}
 
     @classmethod
     def start(
@@ -266,9 +274,11 @@ class Vpc:
                         router,
                     )
                 )
-                vpc._servers.append(
-                    serve(ImdsApp(state, by_source_address(state)), str(METADATA_IP), 80, router)
+                metadata = MetadataRouter(
+                    ImdsApp(state, by_source_address(state)),
+                    GceMetadataApp(vpc.gce_metadata, by_source_address(state)),
                 )
+                vpc._servers.append(serve(metadata, str(METADATA_IP), 80, router))
         except BaseException:
             vpc.stop()
             raise
@@ -439,6 +449,27 @@ class Vpc:
         self._state.call(terminate)
         instance._stop()
 
+    def set_alias_ranges(self, node: Node, cidrs: Sequence[str | IPv4Network]) -> None:
+        """Replace the node's alias IP ranges (GCE metadata ``ip-aliases``); the router routes
+        them to its primary ENI, as GCE does natively, before this returns."""
+        nets = [IPv4Network(c) for c in cidrs]
+        self.gce_metadata.set_alias_ranges(node.instance_id, nets)
+        node.pod_cidr = nets[0] if nets else None
+
+    def gce_metadata_local_url(self, node: Node) -> str:
+        """This node's GCE metadata server on the machine's loopback (started on first use),
+        base URL included (``.../computeMetadata/v1``)."""
+        server = self._gce_local.get(node.instance_id)
+        if server is None:
+            app = GceMetadataApp(self.gce_metadata, fixed_instance(node.instance_id))
+            server = self._gce_local[node.instance_id] = serve(app, "127.0.0.1", 0)
+            self._servers.append(server)
+        return f"{server.url}/computeMetadata/v1"
+
+    def _initial_aliases(self, instance_id: str) -> list[str]:
+        node = next((n for n in self.nodes if n.instance_id == instance_id), None)
+        return [str(node.pod_cidr)] if node is not None and node.pod_cidr else []
+
     def describe(self) -> info.VpcInfo:
         fabric = self._state.fabric
         return info.VpcInfo(
@@ -461,6 +492,7 @@ class Vpc:
             return
         self._stopped = True
         self._state.close()
+        self.gce_metadata.close()
         for machine in [*self.nodes, *self.instances]:
             with contextlib.suppress(Exception):
                 machine._stop()
@@ -533,3 +565,11 @@ class _Control:
 
     def serve(self, instance_id: str, req: info.Serve) -> None:
         self._vpc.instance(instance_id).serve(req.port, req.protocol)
+
+    def set_alias_ranges(self, instance_id: str, req: info.SetAliasRanges) -> info.AliasRanges:
+        nets = [IPv4Network(c) for c in req.cidrs]
+        self._vpc.set_alias_ranges(self._vpc.node(instance_id), nets)
+        return info.AliasRanges(instance_id=instance_id, alias_ranges=[str(n) for n in nets])
+
+    def set_gce_metadata_down(self, req: info.GceMetadataFault) -> None:
+        self._vpc.gce_metadata.set_down(req.down)

@@ -9,6 +9,8 @@ POST   /_emulator/instances               {instance_type?, subnet_id?, security_
                                                                                 -> InstanceInfo
 DELETE /_emulator/instances/<instance-id>
 POST   /_emulator/instances/<id>/serve    {port, protocol?}  (an echo service in the instance)
+PUT    /_emulator/nodes/<id>/alias-ranges {cidrs}  (GCE alias IP ranges)    -> AliasRanges
+POST   /_emulator/faults/gce-metadata     {down?}  (503 on every GCE metadata request)
 POST   /_emulator/faults/throttle         {action, count}
 POST   /_emulator/faults/error            {action, count, status?}
 POST   /_emulator/faults/latency          {action, seconds}
@@ -59,6 +61,10 @@ class VpcControl(Protocol):
 
     def serve(self, instance_id: str, req: info.Serve) -> None: ...
 
+    def set_alias_ranges(self, instance_id: str, req: info.SetAliasRanges) -> info.AliasRanges: ...
+
+    def set_gce_metadata_down(self, req: info.GceMetadataFault) -> None: ...
+
 
 class ControlApp:
     def __init__(self, vpc: VpcControl) -> None:
@@ -105,6 +111,10 @@ class ControlApp:
                 vpc.remove_instance(instance_id)
             case "POST", ["instances", instance_id, "serve"]:
                 vpc.serve(instance_id, _load(body, info.Serve))
+            case "PUT", ["nodes", instance_id, "alias-ranges"]:
+                return ok, vpc.set_alias_ranges(instance_id, _load(body, info.SetAliasRanges))
+            case "POST", ["faults", "gce-metadata"]:
+                vpc.set_gce_metadata_down(_load(body, info.GceMetadataFault))
             case "POST", ["faults", "throttle"]:
                 t = _load(body, info.Throttle)
                 faults.throttle(t.action, t.count)

@@ -95,6 +95,26 @@ class Serve:
 
 
 @attrs.frozen(kw_only=True)
+class SetAliasRanges:
+    """Replace a node's GCE alias IP ranges."""
+
+    cidrs: list[str]
+
+
+@attrs.frozen(kw_only=True)
+class AliasRanges:
+    instance_id: str
+    alias_ranges: list[str]
+
+
+@attrs.frozen(kw_only=True)
+class GceMetadataFault:
+    """While down, every GCE metadata request answers 503."""
+
+    down: bool = True
+
+
+@attrs.frozen(kw_only=True)
 class Throttle:
     action: str
     count: int
