@@ -63,6 +63,7 @@ class Node:
         netns: str | None = None,
         primary_ip: str = "10.76.0.10",
         aws: dict[str, Any] | None = None,
+        gce: dict[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         """A node in a namespace of its own, or in ``netns`` made by someone else (the
@@ -96,6 +97,9 @@ class Node:
                 'kind = "aws"\n[aws]\n'
                 + "".join(f"{k} = {json.dumps(v)}\n" for k, v in aws.items())
                 if aws is not None
+                else 'kind = "gce"\n[gce]\n'
+                + "".join(f"{k} = {json.dumps(v)}\n" for k, v in gce.items())
+                if gce is not None
                 else f'kind = "static"\n[static]\ncidrs = {json.dumps(list(cidrs))}\n'
             )
             + "[ipam]\n"
