@@ -56,3 +56,8 @@ lint: deps
 # Removes namespaces and links a crashed test or demo left behind (names start with pw-).
 clean-netns:
 	$(PY) -m tests.cleanup
+
+# The GKE VPC-native story: pod addresses from alias IP ranges read from the GCE metadata server.
+.PHONY: demo-gke
+demo-gke: deps
+	$(PY) -m tests.demo --gke

@@ -125,8 +125,15 @@ def show_pool(pool: dict[str, Any]) -> str:
             + (f", refused: {r['last_error']}" if r.get("last_error") else "")
             + ")"
         )
-    for w in pool.get("withdrawn_in_use", []):
-        tail += f"\nwithdrawn, still in use (never handed out again): {w['ip']} by {w['key']}"
+    withdrawn = pool.get("withdrawn_in_use", [])
+    if withdrawn:
+        tail += (
+            f"\nwithdrawn, still in use until their pods go (never handed out again): "
+            f"{len(withdrawn)}"
+        )
+        tail += "".join(f"\n  {w['ip']}  {w['key']}" for w in withdrawn[:10])
+        if len(withdrawn) > 10:
+            tail += f"\n  ... and {len(withdrawn) - 10} more (agentctl pool --json)"
     return head + table(rows, ("eni/cidr", "table", "total", "assigned", "cooling", "free")) + tail
 
 

@@ -141,7 +141,9 @@ def test_a_range_that_shrinks_withdraws_in_use_addresses_for_good(
     # .129-.142: .128 (now a network address) and .143 (a broadcast one) left with the rest
     assert [(o["owner"], o["total"]) for o in pool["owners"]] == [("10.4.1.128/28", 14)]
     assert {w["ip"] for w in pool["withdrawn_in_use"]} == in_use
-    assert "withdrawn, still in use" in node.ctl("pool").stdout
+    shown = node.ctl("pool").stdout
+    assert "withdrawn, still in use until their pods go (never handed out again): 4" in shown
+    assert f"{cluster['ip_a']}  podwire/" in shown
     assert "4 withdrawn but in use" in node.ctl("status").stdout
     metrics = node.netns.run("curl", "-s", f"{node.health_url}/metrics").stdout
     assert "podwire_pool_withdrawn_in_use 4.0" in metrics
