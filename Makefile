@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iproute2 nftables libnftables1 iptables containernetworking-plugins iputils-ping procps curl util-linux python3 iperf3
 PYTEST_ARGS ?=
+# the runtime of tests/integration/test_containerd.py and tests/k8s
+DEB_PACKAGES += containerd runc
 
 .PHONY: deps system-deps venv test unit integration e2e demo bench bench-datapath lint clean-netns
 
@@ -61,3 +63,14 @@ clean-netns:
 .PHONY: demo-gke
 demo-gke: deps
 	$(PY) -m tests.demo --gke
+
+# Kubernetes' server binaries, etcd and the test images for tests/k8s and the containerd test:
+# built once per machine and cached under ~/.cache/podwire (tests/k8s/artifacts.py).
+.PHONY: k8s-artifacts k8s
+k8s-artifacts: deps
+	$(PY) -m tests.k8s.artifacts
+
+test integration: k8s-artifacts
+
+k8s: deps k8s-artifacts
+	$(PY) -m pytest -q tests/k8s $(PYTEST_ARGS)
