@@ -1,0 +1,481 @@
+"""A real Kubernetes cluster on the emulated VPC, for tests/k8s.
+
+Theory of operation. ``Vpc.start()`` gives the VPC router, the EC2 API and IMDS. Every machine
+of the cluster is an emulated EC2 instance (``vpc.add_node``): its network namespace is cabled
+to the router by its primary ENI, and a ``tests.cri.NodeHost`` gives it a mount namespace and
+cgroups of its own.
+
+- The control plane instance runs etcd (Debian's, data on a tmpfs), kube-apiserver,
+  kube-controller-manager and kube-scheduler, all listening on its VPC address; every
+  component authenticates with a client certificate from one test CA (``tests.k8s.pki``).
+- Each worker instance runs containerd (``tests.cri.Containerd``), kubelet, kube-proxy in
+  iptables mode, and the real podwire agent (``tests.harness.Node``), which installs podwire as
+  containerd's CNI by its own install-on-ready. A worker uses the static provider (its pod CIDR
+  is routed to it by the VPC, as GKE's routes-based mode does) or the aws provider (secondary
+  IPs on ENIs through the emulated EC2 API).
+
+The machine's own namespaces are never touched: no route into the VPC exists outside it, so the
+tests reach the API server with sockets opened inside the control plane's namespace
+(``tests.k8s.api``) and reach nodes and pods from inside the VPC's namespaces. kube-proxy is
+told to leave conntrack's global limits alone (``conntrack.maxPerCore: 0``); kubelet runs with
+``protectKernelDefaults`` and sees its six kernel settings through the node's read-only view
+(see ``tests.cri``). ``close()`` stops everything in the reverse order and removes what it made.
+
+For tests built on top (the agent's own Kubernetes client, SecurityGroupPolicy): ``kubeconfig``
+writes a kubeconfig for any identity, usable inside a node (the API server's VPC address);
+``Worker`` takes ``agent_config`` (extra TOML for the agent) and exposes ``vnode`` (its EC2
+instance, for IMDS and ENIs) and ``agent`` (the harness node: ``call``, ``ctl``, ``log``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from cloud.emulator import Vpc
+from cloud.emulator.api import Node as VpcNode
+from tests.cri import Containerd, Cri, NodeHost, cleanup_stale, install_into, wait_for
+from tests.harness import Node
+from tests.k8s import artifacts
+from tests.k8s.api import Api, NotFound
+from tests.k8s.pki import Pki, kubeconfig
+from tests.netns import Netns, unique_name
+
+API_PORT = 6443
+SERVICE_CIDR = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
+VPC_CIDR = "10.0.0.0/16"
+STATIC_POD_CIDR = "10.0.64.0/24"
+AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+STARTUP = 180.0  # generous: two cores shared with other test runs
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+class ControlPlane:
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler on one instance."""
+
+    def __init__(self, vnode: VpcNode, kube: artifacts.Kube, etcd: Path) -> None:
+        self.vnode = vnode
+        self.ip = vnode.primary_ip
+        self.kube = kube
+        self.etcd_bin = etcd
+        self.host = NodeHost(Netns(vnode.netns, create=False), unique_name("kcp"), tmpfs=("etcd",))
+        self.dir = self.host.dir
+        self.pki = Pki(self.dir / "pki")
+        self.serving = self.pki.issue(
+            "apiserver",
+            cn="kube-apiserver",
+            dns=("kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"),
+            ips=(self.ip, KUBERNETES_SERVICE_IP, "127.0.0.1"),
+            server=True,
+        )
+        admin = self.pki.issue("admin", cn="podwire-test-admin", orgs=("system:masters",))
+        self.api = Api(vnode.netns_path, self.ip, API_PORT, ca=str(self.pki.ca), client=admin)
+        self.server = f"https://{self.ip}:{API_PORT}"
+
+    def kubeconfig(self, name: str, *, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for ``user`` (in ``groups``) that works from any VPC namespace."""
+        client = self.pki.issue(name, cn=user, orgs=tuple(groups))
+        return kubeconfig(
+            self.dir / f"{name}.kubeconfig",
+            server=self.server,
+            ca=self.pki.ca,
+            client=client,
+            user=user,
+        )
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        self.host.popen(argv, stdout=log, stderr=log)
+        log.close()
+
+    def start(self) -> None:
+        self._start(
+            "etcd",
+            [
+                str(self.etcd_bin),
+                "--name=podwire-test",
+                f"--data-dir={self.dir / 'etcd' / 'data'}",
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=podwire-test=http://127.0.0.1:2380",
+                "--log-level=warn",
+                "--logger=zap",
+            ],
+        )
+        pki = self.pki
+        kubelet_client = pki.issue(
+            "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", orgs=("system:masters",)
+        )
+        self._start(
+            "kube-apiserver",
+            [
+                str(self.kube.bin("kube-apiserver")),
+                "--etcd-servers=http://127.0.0.1:2379",
+                f"--advertise-address={self.ip}",
+                f"--bind-address={self.ip}",
+                f"--secure-port={API_PORT}",
+                f"--cert-dir={self.dir / 'apiserver'}",
+                f"--tls-cert-file={self.serving.cert}",
+                f"--tls-private-key-file={self.serving.key}",
+                f"--client-ca-file={pki.ca}",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        wait_for(
+            "kube-apiserver ready",
+            self._ready,
+            STARTUP,
+            on_fail=lambda: (
+                _log_tail(self.dir / "kube-apiserver.log") + "\n" + _log_tail(self.dir / "etcd.log")
+            ),
+        )
+        kcm = self.kubeconfig("kube-controller-manager", user="system:kube-controller-manager")
+        self._start(
+            "kube-controller-manager",
+            [
+                str(self.kube.bin("kube-controller-manager")),
+                f"--kubeconfig={kcm}",
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--v=1",
+            ],
+        )
+        scheduler = self.kubeconfig("kube-scheduler", user="system:kube-scheduler")
+        self._start(
+            "kube-scheduler",
+            [
+                str(self.kube.bin("kube-scheduler")),
+                f"--kubeconfig={scheduler}",
+                "--secure-port=0",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+        )
+        # the controller manager is working once it has made the default service account
+        wait_for(
+            "the default service account",
+            lambda: self.api.exists("/api/v1/namespaces/default/serviceaccounts/default"),
+            STARTUP,
+            on_fail=lambda: _log_tail(self.dir / "kube-controller-manager.log"),
+        )
+
+    def _ready(self) -> bool:
+        try:
+            return bool(self.api.request("GET", "/readyz") == "ok")
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self.host.close()
+
+
+class Worker:
+    """A worker node: containerd, kubelet, kube-proxy and the podwire agent on one instance."""
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        vpc: Vpc,
+        vnode: VpcNode,
+        *,
+        name: str,
+        provider: str,
+        images: artifacts.Images,
+        agent_config: str = "",
+    ) -> None:
+        self.cp, self.vnode, self.name, self.provider, self.images = (
+            cp,
+            vnode,
+            name,
+            provider,
+            images,
+        )
+        self.ip = vnode.primary_ip
+        self.host = NodeHost(Netns(vnode.netns, create=False), unique_name("kw"))
+        self.dir = self.host.dir
+        self.containerd = Containerd(self.host, sandbox_image=images.pause)
+        if provider == "static":
+            assert vnode.pod_cidr is not None
+            self.agent = Node(
+                netns=vnode.netns,
+                primary_ip=self.ip,
+                cidrs=(str(vnode.pod_cidr),),
+                extra_config=f'[snat]\nvpc_cidrs = ["{VPC_CIDR}"]\n' + agent_config,
+                tag=name,
+            )
+        else:
+            settings = {
+                "imds_url": vnode.imds_url,
+                "ec2_endpoint": vnode.ec2_url,
+                "region": vpc.region,
+            }
+            self.agent = Node(
+                netns=vnode.netns,
+                primary_ip=self.ip,
+                aws=settings,
+                env=AWS_CREDENTIALS,
+                extra_config=agent_config,
+                tag=name,
+            )
+        install_into(self.agent, self.containerd)
+        self.agent.netns = self.host.netns_view()
+        self.before_agent: dict[str, Any] = {}  # the Node's Ready condition before the agent ran
+
+    def start_runtime(self) -> None:
+        self.containerd.start([self.images.pause_tar, self.images.server_tar])
+
+    def start_kubelet(self) -> None:
+        root = self.dir / "kubelet"
+        root.mkdir()
+        (self.dir / "resolv.conf").write_text("")
+        config = self.dir / "kubelet.yaml"
+        # JSON is YAML: the kubelet's KubeletConfiguration, every knob that matters here spelled out
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubelet.config.k8s.io/v1beta1",
+                    "kind": "KubeletConfiguration",
+                    "failCgroupV1": False,  # this VM has cgroup v1 (kubelet >= 1.35 asks)
+                    "cgroupDriver": "cgroupfs",
+                    "cgroupRoot": self.host.cgroup_parent,
+                    "cgroupsPerQOS": True,
+                    "protectKernelDefaults": True,  # check kernel settings, never write them
+                    "oomScoreAdj": 0,  # no CAP_SYS_RESOURCE here
+                    "failSwapOn": False,
+                    "containerRuntimeEndpoint": f"unix://{self.containerd.socket}",
+                    "address": self.ip,
+                    "readOnlyPort": 0,
+                    "healthzBindAddress": "127.0.0.1",
+                    "authentication": {
+                        "anonymous": {"enabled": False},
+                        "webhook": {"enabled": False},
+                        "x509": {"clientCAFile": str(self.cp.pki.ca)},
+                    },
+                    "authorization": {"mode": "AlwaysAllow"},
+                    "resolvConf": str(self.dir / "resolv.conf"),
+                    "hairpinMode": "none",
+                    "nodeStatusUpdateFrequency": "2s",
+                    "imageGCHighThresholdPercent": 100,
+                    "imageGCLowThresholdPercent": 99,
+                    "evictionHard": {
+                        "memory.available": "50Mi",
+                        "nodefs.available": "1%",
+                        "imagefs.available": "1%",
+                        "nodefs.inodesFree": "1%",
+                    },
+                    "shutdownGracePeriod": "0s",
+                    "serializeImagePulls": False,
+                },
+                indent=1,
+            )
+        )
+        kubeconfig = self.cp.kubeconfig(
+            f"kubelet-{self.name}", user=f"system:node:{self.name}", groups=("system:nodes",)
+        )
+        argv = [
+            str(self.cp.kube.bin("kubelet")),
+            f"--config={config}",
+            f"--kubeconfig={kubeconfig}",
+            f"--root-dir={root}",
+            f"--cert-dir={root / 'pki'}",
+            f"--hostname-override={self.name}",
+            f"--node-ip={self.ip}",
+            "--v=2",
+        ]
+        if self.provider == "aws":
+            argv.append(f"--provider-id=aws:///{self.vnode.subnet.az}/{self.vnode.instance_id}")
+        log = open(self.dir / "kubelet.log", "ab")  # noqa: SIM115 - handed to the child
+        self.kubelet = self.host.popen(argv, stdout=log, stderr=log)
+        log.close()
+
+    def start_proxy(self) -> None:
+        config = self.dir / "kube-proxy.yaml"
+        kubeconfig = self.cp.kubeconfig(f"kube-proxy-{self.name}", user="system:kube-proxy")
+        config.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                    "kind": "KubeProxyConfiguration",
+                    "mode": "iptables",
+                    "clientConnection": {"kubeconfig": str(kubeconfig)},
+                    "hostnameOverride": self.name,
+                    "clusterCIDR": VPC_CIDR,
+                    "healthzBindAddress": "127.0.0.1:10256",
+                    "metricsBindAddress": "127.0.0.1:10249",
+                    # leave the machine's global conntrack limits and timeouts as they are
+                    "conntrack": {
+                        "maxPerCore": 0,
+                        "min": 0,
+                        "tcpEstablishedTimeout": "0s",
+                        "tcpCloseWaitTimeout": "0s",
+                    },
+                    "iptables": {"localhostNodePorts": False},
+                    "nodePortAddresses": ["primary"],
+                    "oomScoreAdj": 0,
+                },
+                indent=1,
+            )
+        )
+        log = open(self.dir / "kube-proxy.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proxy = self.host.popen(
+            [str(self.cp.kube.bin("kube-proxy")), f"--config={config}", "--v=2"],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    def node(self) -> Any:
+        return self.cp.api.get(f"/api/v1/nodes/{self.name}")
+
+    def ready(self) -> dict[str, Any] | None:
+        """The Node's Ready condition (None before kubelet registered it)."""
+        try:
+            node = self.node()
+        except NotFound:
+            return None
+        conditions = node.get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready"), None)
+
+    def wait_registered(self) -> dict[str, Any]:
+        return wait_for(f"node {self.name} registered", self.ready, STARTUP, on_fail=self.logs)
+
+    def wait_ready(self) -> None:
+        wait_for(
+            f"node {self.name} Ready",
+            lambda: (self.ready() or {}).get("status") == "True",
+            STARTUP,
+            on_fail=self.logs,
+        )
+
+    def addresses(self) -> set[str]:
+        """The node's own IPv4 addresses (its ENIs' primary addresses and loopback)."""
+        out = json.loads(self.host.run("ip", "-j", "-4", "addr", "show").stdout)
+        return {a["local"] for link in out for a in link.get("addr_info", [])}
+
+    def pods(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The agent's pods by (namespace, name)."""
+        return {(p["namespace"], p["name"]): p for p in self.agent.call("agent.pods")}
+
+    def start_agent(self) -> None:
+        self.agent.start(timeout=STARTUP)
+
+    def restart_agent(self) -> None:
+        self.agent.stop()
+        self.start_agent()
+
+    def logs(self) -> str:
+        parts = [
+            f"--- {self.name} {p}\n{_log_tail(self.dir / p)}"
+            for p in ("kubelet.log", "kube-proxy.log")
+        ]
+        parts.append(f"--- containerd\n{self.containerd.log_tail()}")
+        parts.append(f"--- agent\n{self.agent.log()[-3000:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Stop kubelet, let containerd tear the pods down (podwire's DELs), then end
+        everything else of the node."""
+        for proc in (getattr(self, "kubelet", None), getattr(self, "proxy", None)):
+            if proc is not None:
+                self.host.stop(proc)
+        if self.containerd.proc is not None and self.agent.proc is not None:
+            with contextlib.suppress(Exception), Cri(self.containerd.socket) as cri:
+                for sandbox in cri.sandboxes():
+                    cri.stop_sandbox(sandbox.id)
+                    cri.remove_sandbox(sandbox.id)
+        self.agent.close()
+        self.host.close()
+
+
+class Cluster:
+    """A control plane and workers (see the module doc); use ``Cluster.running()``."""
+
+    def __init__(self, vpc: Vpc, cp: ControlPlane, workers: dict[str, Worker]) -> None:
+        self.vpc, self.cp, self.workers = vpc, cp, workers
+        self.api = cp.api
+        self.started_in: float = 0.0
+
+    def netns_of(self, pod: Any) -> str:
+        """The namespace of the node ``pod`` runs on (where it can be reached from)."""
+        return self.workers[pod["spec"]["nodeName"]].vnode.netns_path
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, providers: Sequence[str] = ("static", "aws")) -> Iterator[Cluster]:
+        """Start the cluster with one worker per provider (named like the provider) and stop
+        it afterwards, whatever happened."""
+        cleanup_stale()
+        images, etcd, kube = artifacts.images(), artifacts.etcd(), artifacts.kube()
+        started = time.monotonic()
+        with contextlib.ExitStack() as stack:
+            vpc = stack.enter_context(Vpc.start(VPC_CIDR))
+            cp = ControlPlane(vpc.add_node("m5.large"), kube, etcd)
+            stack.callback(cp.close)
+            workers: dict[str, Worker] = {}
+            for provider in providers:
+                vnode = vpc.add_node(
+                    "m5.large", pod_cidr=STATIC_POD_CIDR if provider == "static" else None
+                )
+                worker = Worker(cp, vpc, vnode, name=provider, provider=provider, images=images)
+                stack.callback(worker.close)
+                workers[provider] = worker
+            cluster = cls(vpc, cp, workers)
+            cp.start()
+            for worker in workers.values():
+                worker.start_runtime()
+                worker.start_kubelet()
+            for worker in workers.values():
+                worker.before_agent = worker.wait_registered()
+                worker.start_proxy()
+                worker.start_agent()
+            for worker in workers.values():
+                worker.wait_ready()
+            cluster.started_in = time.monotonic() - started
+            yield cluster
+
+
+def machine_sysctls() -> dict[str, str]:
+    """Every writable kernel setting as the machine's own namespaces see it (the volatile
+    ``kernel.ns_last_pid`` aside)."""
+    out = {}
+    for root, _, files in os.walk("/proc/sys"):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if not os.stat(path).st_mode & stat.S_IWUSR:
+                    continue
+                with open(path) as f:
+                    out[path.removeprefix("/proc/sys/")] = f.read()
+            except OSError:
+                continue  # write-only knobs (vm/drop_caches, ...)
+    out.pop("kernel/ns_last_pid", None)
+    return out

@@ -1,0 +1,63 @@
+"""One real cluster for the whole tests/k8s run (see ``tests.k8s.cluster``), and a namespace of
+its own for each test. The machine's kernel settings and its Kubernetes paths are recorded
+before the cluster starts; a test compares them while it runs and the session checks them again
+once it has stopped."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.k8s.cluster import Cluster, Worker, machine_sysctls
+from tests.k8s.workloads import Namespace
+
+# Where a default kubelet, containerd or CNI install would write on the machine itself.
+MACHINE_PATHS = (
+    "/var/lib/kubelet",
+    "/var/log/pods",
+    "/var/log/containers",
+    "/var/lib/containerd",
+    "/opt/containerd",
+    "/etc/kubernetes",
+    "/etc/cni/net.d",
+    "/opt/cni/bin",
+)
+
+PROVIDERS = ("static", "aws")
+
+
+def machine_paths() -> dict[str, bool]:
+    return {p: os.path.lexists(p) for p in MACHINE_PATHS}
+
+
+@pytest.fixture(scope="session")
+def machine_before() -> tuple[dict[str, str], dict[str, bool]]:
+    return machine_sysctls(), machine_paths()
+
+
+@pytest.fixture(scope="session")
+def cluster(machine_before: tuple[dict[str, str], dict[str, bool]]) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces")
+    with Cluster.running(PROVIDERS) as running:
+        yield running
+    sysctls, paths = machine_before
+    assert machine_sysctls() == sysctls
+    assert machine_paths() == paths
+
+
+@pytest.fixture
+def ns(cluster: Cluster) -> Iterator[Namespace]:
+    namespace = Namespace(cluster.api)
+    try:
+        yield namespace
+    finally:
+        namespace.close()
+
+
+@pytest.fixture(params=PROVIDERS)
+def worker(request: pytest.FixtureRequest, cluster: Cluster) -> Worker:
+    """Each worker in turn: the static provider's, then the aws provider's."""
+    return cluster.workers[request.param]
