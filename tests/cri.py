@@ -370,6 +370,12 @@ def cleanup_stale() -> list[str]:
                 _kill_all(lambda top=top: _cgroup_pids(top.name))
                 _remove_cgroups(top.name)
                 cleaned.append(top.name)
+    # the nodes' directories (NodeHost.dir: "<name>.<random>" in the temporary directory)
+    for stale in Path(tempfile.gettempdir()).glob("pw-*-*-*.*"):
+        name = stale.name.split(".", 1)[0]
+        if stale.is_dir() and not _owner_alive(name):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(stale)], check=False)
+            cleaned.append(name)
     return sorted(set(cleaned))
 
 

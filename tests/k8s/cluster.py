@@ -40,6 +40,7 @@ from typing import Any
 
 from cloud.emulator import Vpc
 from cloud.emulator.api import Node as VpcNode
+from cloud.emulator.netns import cleanup as emulator_cleanup
 from tests.cri import Containerd, Cri, NodeHost, cleanup_stale, install_into, wait_for
 from tests.harness import Node
 from tests.k8s import artifacts
@@ -434,6 +435,7 @@ class Cluster:
         """Start the cluster with one worker per provider (named like the provider) and stop
         it afterwards, whatever happened."""
         cleanup_stale()
+        emulator_cleanup()  # namespaces of runs that died
         images, etcd, kube = artifacts.images(), artifacts.etcd(), artifacts.kube()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
