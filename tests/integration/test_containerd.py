@@ -171,7 +171,8 @@ def _tap(runtime: Runtime) -> Path:
     plugin.rename(real)
     plugin.write_text(
         "#!/bin/sh\n"
-        f"f=$(mktemp -p {taps} call.XXXXXX)\n"
+        # calls are sequential: a nanosecond clock in the name orders them
+        f"f=$(mktemp -p {taps} call.$(date +%s%N).XXXXXX)\n"
         'env | grep ^CNI_ > "$f.env"\n'
         'cat > "$f.stdin"\n'
         f'exec {real} < "$f.stdin"\n'
@@ -182,7 +183,7 @@ def _tap(runtime: Runtime) -> Path:
 
 def _calls(taps: Path) -> list[tuple[dict[str, str], dict[str, Any]]]:
     calls = []
-    for env_file in sorted(taps.glob("*.env"), key=lambda p: p.stat().st_mtime_ns):
+    for env_file in sorted(taps.glob("*.env")):
         env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
         stdin = json.loads(env_file.with_suffix(".stdin").read_text())
         calls.append((env, stdin))

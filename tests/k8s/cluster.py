@@ -34,7 +34,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -431,23 +431,38 @@ class Cluster:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, providers: Sequence[str] = ("static", "aws")) -> Iterator[Cluster]:
-        """Start the cluster with one worker per provider (named like the provider) and stop
-        it afterwards, whatever happened."""
+    def running(
+        cls,
+        providers: Sequence[str] = ("static", "aws"),
+        *,
+        agent_config: Mapping[str, str] | None = None,
+        instance_type: str = "m5.large",
+    ) -> Iterator[Cluster]:
+        """Start the cluster with one worker per provider (named like the provider; extra
+        agent TOML per provider in ``agent_config``) and stop it afterwards, whatever
+        happened."""
         cleanup_stale()
         emulator_cleanup()  # namespaces of runs that died
         images, etcd, kube = artifacts.images(), artifacts.etcd(), artifacts.kube()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             vpc = stack.enter_context(Vpc.start(VPC_CIDR))
-            cp = ControlPlane(vpc.add_node("m5.large"), kube, etcd)
+            cp = ControlPlane(vpc.add_node(instance_type), kube, etcd)
             stack.callback(cp.close)
             workers: dict[str, Worker] = {}
             for provider in providers:
                 vnode = vpc.add_node(
-                    "m5.large", pod_cidr=STATIC_POD_CIDR if provider == "static" else None
+                    instance_type, pod_cidr=STATIC_POD_CIDR if provider == "static" else None
                 )
-                worker = Worker(cp, vpc, vnode, name=provider, provider=provider, images=images)
+                worker = Worker(
+                    cp,
+                    vpc,
+                    vnode,
+                    name=provider,
+                    provider=provider,
+                    images=images,
+                    agent_config=(agent_config or {}).get(provider, ""),
+                )
                 stack.callback(worker.close)
                 workers[provider] = worker
             cluster = cls(vpc, cp, workers)
