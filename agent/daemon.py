@@ -265,6 +265,7 @@ async def run(
             provider, cni, dropped = await _restore_until_reachable(
                 cfg, stack, watcher, metrics, health, threaded, events, snapshot
             )
+            watcher.add_immediate_callback(cni.deleter.on_events)
             await tg.start(health.run, "veth-deleter", cni.run)
             health.set_ready(PROVIDER_REACHABLE, True, provider.name)
             health.set_ready(

@@ -415,15 +415,17 @@ async def collect(
             except Exception as e:
                 errors.append(f"unmount {r.alloc.netns}: {e}")
 
-    # Re-check and hand over with no await in between: an ADD recording one of these names
-    # after this point finds its deletion pending and waits for it.
+    # Re-check and hand over with no await in between (``delete`` queues the names before its
+    # first await): an ADD recording one of these names after this point waits for it.
     owned = {a.host_veth for a in cni.allocations.values()}
     veths = [name for name in gc_plan.veths if name not in owned]
     changed += len(gc_plan.veths) - len(veths)
-    for name in veths:
-        cni._schedule_delete(name)
     if veths:
         log.info("gc deleting stray veths", extra={"veths": len(veths)})
+        try:
+            await cni.deleter.delete(veths)
+        except (NetlinkError, OSError) as e:
+            errors.append(f"delete veths: {e}")
 
     held = {a.ip for a in cni.allocations.values()}
     rules = [r for r in gc_plan.rules if r.ip not in held and cni.pool.holder(r.ip) is None]

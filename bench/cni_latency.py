@@ -1,11 +1,19 @@
 """CNI latency: podwire against Debian's ptp + host-local, invoked the same way, in one run.
 
-    make bench            # or: .venv/bin/python -m bench.cni_latency [--pods 100]
+    make bench            # or: .venv/bin/python -m bench.cni_latency [--pods 100] [--rounds 3]
 
-Both plugins are executed as a runtime on the node would (CNI_* env, config on stdin, inside
-the node's namespace via nsenter), for sequential ADD then DEL of N pods, then N ADDs at 8 and
-at 32 in parallel (wall time). Also the agent's RSS with 250 pods. Prints a table with the
-ratios and writes bench/results/cni_latency.json. Needs root; touches only namespaces it makes.
+Every plugin is executed as a runtime on the node would (CNI_* env, config on stdin, inside
+the node's namespace via nsenter). Two podwire agents run, each on a node of its own: one with
+its state directory on the ext4 ``/run`` of this machine, one on a tmpfs (what ``/run`` is on
+a systemd host), mounted in the agent's private mount namespace. The machine is shared and its
+load moves absolute times 2x, so the plugins take turns: each sequential ADD (then DEL) of the
+one is followed by the same call of the others, and the parallel bursts alternate plugin by
+plugin, over several rounds; the ratios compare figures taken under the same load. Sequential
+figures pool every round's calls; burst wall times are the median over rounds.
+
+Also the agent's CPU time per ADD and per DEL (utime + stime over the sequential calls), its
+RSS with 250 pods, and the machine's load average. Writes bench/results/cni_latency.json.
+Needs root; touches only namespaces it makes.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,7 @@ from tests.harness import Node
 from tests.netns import Netns, unique_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WIDTHS = (8, 32)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -43,15 +53,20 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Plugin:
-    """How to run one CNI plugin on the node: its binary, config and CNI_PATH."""
+    """How to run one CNI plugin on a node: its binary, config and CNI_PATH."""
 
-    def __init__(self, node: Netns, binary: Path, conf: dict[str, Any], cni_path: str) -> None:
+    def __init__(
+        self, name: str, node: Netns, binary: Path, conf: dict[str, Any], cni_path: str
+    ) -> None:
+        self.name = name
         self.node = node
         self.binary = binary
         self.conf = json.dumps(conf).encode()
         self.cni_path = cni_path
+        self.agent_pid: int | None = None
 
     def run(self, command: str, pod: Netns) -> float:
+        """Run one call; return its wall time in ms. Raises RuntimeError when it fails."""
         env = {
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": pod.name,
@@ -70,37 +85,21 @@ class Plugin:
         )
         elapsed = (time.perf_counter() - start) * 1000
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"{self.binary.name} {command} failed: {proc.stdout!r} {proc.stderr!r}"
-            )
+            raise RuntimeError(f"{self.name} {command} failed: {proc.stdout!r} {proc.stderr!r}")
         return elapsed
 
+    def burst(self, command: str, pods: list[Netns], width: int) -> float:
+        """Run ``command`` for every pod, ``width`` at a time; return the wall time in ms."""
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(width) as ex:
+            list(ex.map(lambda p: self.run(command, p), pods))
+        return (time.perf_counter() - start) * 1000
 
-def measure(plugin: Plugin, pods: int, parallel: tuple[int, ...]) -> dict[str, Any]:
-    made: list[Netns] = []
 
-    def fresh(n: int) -> list[Netns]:
-        batch = [Netns(unique_name("bp")) for _ in range(n)]
-        made.extend(batch)
-        return batch
-
-    try:
-        batch = fresh(pods)
-        adds = [plugin.run("ADD", p) for p in batch]
-        dels = [plugin.run("DEL", p) for p in batch]
-        out: dict[str, Any] = {"add_ms": summary(adds), "del_ms": summary(dels)}
-        for width in parallel:
-            batch = fresh(pods)
-            start = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(width) as ex:
-                list(ex.map(lambda p: plugin.run("ADD", p), batch))
-            out[f"parallel_{width}_ms"] = (time.perf_counter() - start) * 1000
-            with concurrent.futures.ThreadPoolExecutor(width) as ex:
-                list(ex.map(lambda p: plugin.run("DEL", p), batch))
-        return out
-    finally:
-        for ns in made:
-            ns.close()
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid``, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def agent_rss_kib(pid: int) -> int:
@@ -110,33 +109,154 @@ def agent_rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+class Pods:
+    """Fresh pod namespaces, all removed at the end."""
+
+    def __init__(self) -> None:
+        self.made: list[Netns] = []
+
+    def fresh(self, n: int) -> list[Netns]:
+        batch = [Netns(unique_name("bp")) for _ in range(n)]
+        self.made.extend(batch)
+        return batch
+
+    def close(self) -> None:
+        for ns in self.made:
+            ns.close()
+        self.made = []
+
+
+def measure(plugins: list[Plugin], pods: int, rounds: int) -> dict[str, Any]:
+    """Every figure for every plugin, taking turns (see the module docstring)."""
+    seq: dict[str, dict[str, list[float]]] = {p.name: {"ADD": [], "DEL": []} for p in plugins}
+    cpu: dict[str, dict[str, float]] = {p.name: {"ADD": 0.0, "DEL": 0.0} for p in plugins}
+    walls: dict[str, dict[str, list[float]]] = {p.name: {} for p in plugins}
+    store = Pods()
+    try:
+        for _ in range(rounds):
+            batches = {p.name: store.fresh(pods) for p in plugins}
+            for command in ("ADD", "DEL"):
+                for i in range(pods):
+                    for p in plugins:
+                        before = cpu_seconds(p.agent_pid) if p.agent_pid else 0.0
+                        seq[p.name][command].append(p.run(command, batches[p.name][i]))
+                        if p.agent_pid:
+                            cpu[p.name][command] += cpu_seconds(p.agent_pid) - before
+            store.close()
+            for width in WIDTHS:
+                batches = {p.name: store.fresh(pods) for p in plugins}
+                for command in ("ADD", "DEL"):
+                    for p in plugins:
+                        key = f"{command.lower()}_{width}"
+                        wall = p.burst(command, batches[p.name], width)
+                        walls[p.name].setdefault(key, []).append(wall)
+                store.close()
+    finally:
+        store.close()
+    calls = pods * rounds
+    return {
+        p.name: {
+            "add_ms": summary(seq[p.name]["ADD"]),
+            "del_ms": summary(seq[p.name]["DEL"]),
+            **{k: statistics.median(v) for k, v in walls[p.name].items()},
+            "walls_ms": walls[p.name],
+            "cpu_ms_per_add": cpu[p.name]["ADD"] * 1000 / calls if p.agent_pid else None,
+            "cpu_ms_per_del": cpu[p.name]["DEL"] * 1000 / calls if p.agent_pid else None,
+        }
+        for p in plugins
+    }
+
+
 def rss_at(node: Node, plugin: Plugin, pods: int) -> int:
-    batch = [node.new_pod("rss") for _ in range(pods)]
-    with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda p: plugin.run("ADD", p), batch))
-    assert node.proc is not None
-    rss = agent_rss_kib(node.proc.pid)
-    with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda p: plugin.run("DEL", p), batch))
-    return rss
+    store = Pods()
+    try:
+        batch = store.fresh(pods)
+        plugin.burst("ADD", batch, 8)
+        assert node.proc is not None
+        rss = agent_rss_kib(node.proc.pid)
+        plugin.burst("DEL", batch, 8)
+        return rss
+    finally:
+        store.close()
 
 
-def row(name: str, ours: float, ref: float, target: str) -> str:
-    return f"{name:<28}{ours:>10.1f}{ref:>12.1f}{ours / ref:>9.2f}x   {target}"
+def busy_fraction(sample: Callable[[], list[int]], before: list[int]) -> float:
+    after = sample()
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    idle = delta[3] + delta[4]
+    return 1 - idle / max(1, sum(delta))
+
+
+def cpu_sample() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def table(results: dict[str, Any], pods: int) -> str:
+    tmp, ext, ref = (results[k] for k in ("podwire-tmpfs", "podwire-ext4", "reference"))
+    head = f"{'':<30}{'tmpfs':>9}{'ext4':>9}{'ptp+h-l':>9}{'ratio':>8}{'(ext4)':>8}   target"
+    lines = [head]
+
+    def row(name: str, a: float, b: float, r: float, target: str = "") -> None:
+        lines.append(
+            f"{name:<30}{a:>9.1f}{b:>9.1f}{r:>9.1f}{a / r:>7.2f}x{b / r:>7.2f}x   {target}"
+        )
+
+    targets = {("add", "p50"): "<= 0.9x", ("add", "p95"): "<= 1.0x", ("del", "p50"): "<= 1.0x"}
+    for verb in ("add", "del"):
+        for k in ("min", "p50", "p95", "max"):
+            key = f"{verb}_ms"
+            row(
+                f"{verb.upper()} {k} (ms)",
+                tmp[key][k],
+                ext[key][k],
+                ref[key][k],
+                targets.get((verb, k), ""),
+            )
+    for verb in ("add", "del"):
+        for w in WIDTHS:
+            key = f"{verb}_{w}"
+            target = "<= 0.8x" if verb == "add" else ("<= 0.5x" if w == 32 else "")
+            row(f"{pods} {verb.upper()}s, {w} parallel (ms)", tmp[key], ext[key], ref[key], target)
+    for verb in ("add", "del"):
+        key = f"cpu_ms_per_{verb}"
+        name = f"agent CPU per {verb.upper()} (ms)"
+        lines.append(f"{name:<30}{tmp[key]:>9.2f}{ext[key]:>9.2f}")
+    rss = f"agent RSS at {results['rss_pods']} pods (MiB)"
+    lines.append(f"{rss:<30}{results['agent_rss_mib']:>9.1f}{'':>26}   <= 60 MiB")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rss-pods", type=int, default=250)
+    ap.add_argument(
+        "--agent-pythonpath",
+        default="",
+        help="run the agents from another checkout (PYTHONPATH), e.g. to measure main",
+    )
     args = ap.parse_args(argv)
-    parallel = (8, 32)
+    env = {"PYTHONPATH": args.agent_pythonpath} if args.agent_pythonpath else None
 
-    node = Node(cidrs=("10.77.0.0/21",), cooldown=0.0, tag="bench")
+    nodes = {
+        "podwire-tmpfs": Node(
+            cidrs=("10.77.0.0/21",), cooldown=0.0, tag="bench", state_tmpfs=True, env=env
+        ),
+        "podwire-ext4": Node(cidrs=("10.77.0.0/21",), cooldown=0.0, tag="bench", env=env),
+    }
     ref_dir = Path(tempfile.mkdtemp(prefix="podwire-ref-"))
+    load_before, cpu_before, started = os.getloadavg(), cpu_sample(), time.time()
     try:
-        node.start()
-        ours = Plugin(node.netns, node.bin_dir / "podwire", node.plugin_conf(), str(node.bin_dir))
+        plugins = []
+        for name, node in nodes.items():
+            node.start()
+            p = Plugin(
+                name, node.netns, node.bin_dir / "podwire", node.plugin_conf(), str(node.bin_dir)
+            )
+            assert node.proc is not None
+            p.agent_pid = node.proc.pid
+            plugins.append(p)
         ref_conf = {
             "cniVersion": "1.0.0",
             "name": "ref",
@@ -145,56 +265,42 @@ def main(argv: list[str] | None = None) -> int:
             "mtu": 1500,
             "ipam": {"type": "host-local", "subnet": "10.88.0.0/21", "dataDir": str(ref_dir)},
         }
-        ref = Plugin(node.netns, Path("/usr/lib/cni/ptp"), ref_conf, "/usr/lib/cni")
-        # warm both (page cache, first-exec costs) before measuring
-        for plugin in (ours, ref):
-            measure(plugin, 5, ())
-        results: dict[str, Any] = {"pods": args.pods, "cpus": os.cpu_count()}
-        results["podwire"] = measure(ours, args.pods, parallel)
-        results["reference"] = measure(ref, args.pods, parallel)
-        results["agent_rss_mib"] = rss_at(node, ours, args.rss_pods) / 1024
+        plugins.append(
+            Plugin(
+                "reference",
+                nodes["podwire-ext4"].netns,
+                Path("/usr/lib/cni/ptp"),
+                ref_conf,
+                "/usr/lib/cni",
+            )
+        )
+        # warm every plugin (page cache, first-exec costs) before measuring
+        measure(plugins, 5, 1)
+        results: dict[str, Any] = {"pods": args.pods, "rounds": args.rounds, "cpus": os.cpu_count()}
+        results.update(measure(plugins, args.pods, args.rounds))
+        results["agent_rss_mib"] = rss_at(nodes["podwire-tmpfs"], plugins[0], args.rss_pods) / 1024
         results["rss_pods"] = args.rss_pods
     finally:
-        node.close()
+        for node in nodes.values():
+            node.close()
         shutil.rmtree(ref_dir, ignore_errors=True)
-
-    p, r = results["podwire"], results["reference"]
-    lines = [
-        f"{'':<28}{'podwire':>10}{'ptp+h-local':>12}{'ratio':>10}   target",
-        *(
-            row(
-                f"ADD {k} (ms)",
-                p["add_ms"][k],
-                r["add_ms"][k],
-                "<= 1.0x at p50" if k == "p50" else "",
-            )
-            for k in ("min", "p50", "p95", "max")
-        ),
-        *(
-            row(
-                f"DEL {k} (ms)",
-                p["del_ms"][k],
-                r["del_ms"][k],
-                "<= 0.5x at p50" if k == "p50" else "",
-            )
-            for k in ("min", "p50", "p95", "max")
-        ),
-        *(
-            row(
-                f"{args.pods} ADDs, {w} parallel (ms)",
-                p[f"parallel_{w}_ms"],
-                r[f"parallel_{w}_ms"],
-                "<= 0.8x",
-            )
-            for w in parallel
-        ),
-        f"{f'agent RSS at {args.rss_pods} pods':<28}{results['agent_rss_mib']:>9.1f} MiB"
-        f"{'':>12}   <= 60 MiB",
-    ]
-    print("\n".join(lines))
+    results["load"] = {
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "machine_busy": busy_fraction(cpu_sample, cpu_before),
+        "seconds": time.time() - started,
+    }
+    print(table(results, args.pods))
+    load = results["load"]
+    print(
+        f"\nstate dir: tmpfs (agent's own mount namespace) and ext4 (this machine's /run); "
+        f"ratios against ptp + host-local\nload average {load['loadavg_before'][0]:.1f} -> "
+        f"{load['loadavg_after'][0]:.1f}, machine {load['machine_busy']:.0%} busy over "
+        f"{load['seconds']:.0f} s, {args.rounds} rounds of {args.pods} pods"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cni_latency.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS / 'cni_latency.json'}")
+    print(f"written to {RESULTS / 'cni_latency.json'}")
     return 0
 
 

@@ -14,9 +14,13 @@ message). wire() is three round trips: create + read back the link (pod), addres
 neighbour (pod), up/route/rules (host). The host MAC is chosen here rather than read back, which
 also keeps udev's MACAddressPolicy from rewriting it under the pod's permanent neighbour entry.
 
-Deleting. Unregistering a link waits ~20 ms in the kernel under the rtnl lock, once per
-RTM_DELLINK; a whole link group goes in one wait. ``delete_links`` moves the named links to
-DELETE_GROUP (cheap) and deletes the group with one request, one batch at a time.
+Deleting. An RTM_DELLINK has two phases in the kernel: under the rtnl lock the links are
+unlisted from their namespaces (both ends of a veth; their addresses, routes and neighbours
+flushed) and RTM_DELLINK is broadcast, ~1-4 ms; then, with the lock released, the request
+waits ~15-20 ms for RCU before it is acknowledged. A whole link group goes in one request and
+one wait: ``park_links`` moves the named links into a reserved group (cheap) and
+``delete_parked`` deletes the group. ``delete_links`` does both, one batch per group at a time.
+agent.cni.deleter runs rounds in several groups at once and answers on the broadcast.
 
 Threads. Every call is synchronous and meant for worker threads. A pod-namespace socket is
 opened per call (``rtnl.opened_in``); the host-namespace socket is one per thread, reused
@@ -32,6 +36,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 from pyroute2.netlink.rtnl import (
@@ -85,10 +90,12 @@ GATEWAY = ipaddress.IPv4Address("169.254.1.1")
 RULE_FROM_PRIORITY = 1536
 RULE_TO_PRIORITY = 512
 RT_TABLE_MAIN = 254
-# The link group delete_links parks links in just before deleting the whole group. Reserved:
-# nothing else on the node may put a link in it, or the next batch deletes that link too (or,
+# The link groups links are parked in just before the whole group is deleted: DELETE_GROUP for
+# delete_links, the next DELETE_LANES for agent.cni.deleter's concurrent rounds. Reserved:
+# nothing else on the node may put a link in them, or the next batch deletes that link too (or,
 # for a link the kernel cannot delete, fails and falls back to one request per link).
 DELETE_GROUP = 0x70770001
+DELETE_LANES = 4
 
 # From <linux/if.h>, neighbour.h, rtnetlink.h and fib_rules.h.
 _IFF_UP = 0x1
@@ -399,9 +406,11 @@ def _is_rule(msg: Message, ip: ipaddress.IPv4Address, src: bool, table: int, pri
 class Datapath:
     """Wires pods to the node with routed veth pairs. Safe to use from several threads."""
 
-    # One delete batch at a time in this process, whatever the instance: a batch deletes the
-    # whole of DELETE_GROUP, so it must not see another batch's half-moved links.
-    _delete_lock = threading.Lock()
+    # One delete_links batch per group at a time in this process, whatever the instance: a
+    # batch deletes the whole group, so it must not see another batch's half-moved links.
+    _group_locks: ClassVar[dict[int, threading.Lock]] = {
+        DELETE_GROUP + i: threading.Lock() for i in range(1 + DELETE_LANES)
+    }
 
     def __init__(self, host_netns: str | None = None) -> None:
         """Work on the node side in ``host_netns`` (a path), or in the constructing thread's
@@ -599,33 +608,73 @@ class Datapath:
         """
         self.delete_links([host_veth])
 
-    def delete_links(self, names: Sequence[str]) -> None:
+    def delete_links(self, names: Sequence[str], *, group: int = DELETE_GROUP) -> None:
         """Delete the host links ``names`` (and so their veth peers) with one kernel wait.
 
-        Each link that exists is moved to DELETE_GROUP, then the group is deleted with one
-        request (~20 ms in the kernel for the whole batch, as for one link). Names that do not
-        exist are fine, so this is idempotent. One batch at a time per process.
+        Each link that exists is moved to ``group``, then the group is deleted with one request
+        (~20 ms in the kernel for the whole batch, as for one link). Names that do not exist
+        are fine, so this is idempotent. One batch per group at a time in this process.
 
         Raises RequestFailed for a kernel error other than "no such device"; the links that
         could be deleted are gone even then.
         """
+        with self._group_locks[group]:
+            parked, refused = self.park_links(names, group=group)
+            failed = list(refused.values())
+            try:
+                self.delete_parked(list(parked), group=group)
+            except RequestFailed as e:
+                failed.insert(0, e)
+        if failed:
+            raise failed[0]
+
+    def park_links(
+        self, names: Sequence[str], *, group: int
+    ) -> tuple[dict[str, int], dict[str, RequestFailed]]:
+        """Move the host links ``names`` that exist into link group ``group``. Return those
+        moved, by name, with their ifindex, and by name the kernel's refusals other than "no
+        such device" (those links were not moved). The caller owns ``group``: nothing else may
+        be in it, and only one batch at a time.
+
+        Raises RequestFailed when the socket fails.
+        """
         wanted = list(dict.fromkeys(names))
         if not wanted:
-            return
-        with self._delete_lock:
-            hrtnl = self._host()
-            moves = [_set_group(f"delete {name}", name, DELETE_GROUP) for name in wanted]
-            failed = [
-                reply.failure(req.op)
-                for req, reply in zip(moves, hrtnl.transact(moves), strict=True)
-                if reply.error and reply.error not in _GONE_LINK
+            return {}, {}
+        hrtnl = self._host()
+        requests: list[Request] = []
+        for name in wanted:
+            requests += [
+                _set_group(f"delete {name}", name, group),
+                _getlink(f"read back {name}", name),
             ]
-            group = hrtnl.one(_delete_group("delete link group", DELETE_GROUP))
-            if group.error and group.error not in _GONE_LINK:
-                failed.append(group.failure("delete link group"))
-                failed[:0] = self._delete_one_by_one(hrtnl, wanted)
-            if failed:
-                raise failed[0]
+        replies = hrtnl.transact(requests)
+        parked: dict[str, int] = {}
+        failed: dict[str, RequestFailed] = {}
+        for name, moved, read in zip(wanted, replies[::2], replies[1::2], strict=True):
+            if moved.error:
+                if moved.error not in _GONE_LINK:
+                    failed[name] = moved.failure(f"delete {name}")
+                continue
+            link = _only_link(read)
+            if link is not None:
+                parked[name] = link.index
+        return parked, failed
+
+    def delete_parked(self, names: Sequence[str], *, group: int) -> None:
+        """Delete link group ``group``, where ``park_links`` put ``names``, with one request.
+
+        Returns once the kernel acknowledged it (the links are unlisted, and RTM_DELLINK
+        broadcast, ~15-20 ms before that). Raises RequestFailed like ``delete_links``.
+        """
+        if not names:
+            return
+        hrtnl = self._host()
+        reply = hrtnl.one(_delete_group("delete link group", group))
+        if reply.error and reply.error not in _GONE_LINK:
+            failed = [reply.failure("delete link group")]
+            failed[:0] = self._delete_one_by_one(hrtnl, list(names))
+            raise failed[0]
 
     @staticmethod
     def _delete_one_by_one(hrtnl: Rtnl, names: list[str]) -> list[RequestFailed]:

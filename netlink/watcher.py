@@ -419,6 +419,7 @@ class Watcher:
         self._dump_buf = bytearray(_RECV_SIZE)
         self._subscribers: list[MemoryObjectSendStream[Item]] = []
         self._callbacks: list[Callback] = []
+        self._immediate: list[Callable[[Sequence[Event]], None]] = []
         self._waiters: set[_LinkWaiter] = set()
         self._running = anyio.Event()
         self.batches = 0
@@ -448,6 +449,11 @@ class Watcher:
     def add_callback(self, callback: Callback) -> None:
         """Call ``callback(item)`` on every delivery, synchronously; it must not block."""
         self._callbacks.append(callback)
+
+    def add_immediate_callback(self, callback: Callable[[Sequence[Event]], None]) -> None:
+        """Call ``callback(events)`` as events are read, before the coalescing window, with
+        no Resync (a consumer must not depend on it alone); it must not block."""
+        self._immediate.append(callback)
 
     async def wait_link(self, mac: str, timeout: float) -> LinkEvent:
         """Return the link whose MAC is ``mac``, waiting up to ``timeout`` s for it to appear.
@@ -622,6 +628,8 @@ class Watcher:
             events = parse(bytes(self._buf[:n])).events
             if self._waiters:
                 self._match_waiters(events)
+            for callback in self._immediate:
+                callback(events)
             pending += events
         return False
 

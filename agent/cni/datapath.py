@@ -7,8 +7,11 @@ finish and never leaves it half done behind its back.
 
 from __future__ import annotations
 
+from functools import partial
+
 import anyio
 
+from netlink.errors import RequestFailed
 from netlink.veth import Datapath, PodNet, WiredPod
 
 
@@ -26,11 +29,17 @@ class ThreadedDatapath:
     async def unwire_host(self, pod: PodNet) -> None:
         await anyio.to_thread.run_sync(self._dp.unwire_host, pod, limiter=self._limiter)
 
-    async def delete_link(self, host_veth: str) -> None:
-        await anyio.to_thread.run_sync(self._dp.delete_link, host_veth, limiter=self._limiter)
+    async def park_links(
+        self, names: list[str], group: int
+    ) -> tuple[dict[str, int], dict[str, RequestFailed]]:
+        return await anyio.to_thread.run_sync(
+            partial(self._dp.park_links, names, group=group), limiter=self._limiter
+        )
 
-    async def delete_links(self, host_veths: list[str]) -> None:
-        await anyio.to_thread.run_sync(self._dp.delete_links, host_veths, limiter=self._limiter)
+    async def delete_parked(self, names: list[str], group: int) -> None:
+        await anyio.to_thread.run_sync(
+            partial(self._dp.delete_parked, names, group=group), limiter=self._limiter
+        )
 
     async def repair_host(self, pod: PodNet) -> list[str]:
         return await anyio.to_thread.run_sync(self._dp.repair_host, pod, limiter=self._limiter)

@@ -8,17 +8,19 @@ Theory of operation:
   veth never appeared is dropped (its address cools down), one whose veth exists is kept (the
   runtime will DEL it after the failed ADD, or ADD it again). A failed ADD undoes itself —
   links, address, record — before answering.
-- DEL removes the host route and rules, starts the address's cooldown and records that, then
-  answers; the veth itself is deleted by a background task (deleting a veth waits 16-24 ms in
-  the kernel). An ADD whose host veth name is still being deleted waits for that deletion.
-- DEL is idempotent and succeeds when the allocation or the netns is already gone.
+- DEL undoes what ADD made before it answers: the host rules (pods of a secondary ENI), then the
+  veth pair, deleted in a round shared with every other deletion in flight and answered as soon
+  as the kernel has unlisted the links (``agent.cni.deleter``); the pair's routes go with it.
+  Only then does the address start its cooldown, recorded in the checkpoint.
+- DEL is idempotent and succeeds when the allocation or the netns is already gone. GC releases
+  its attachments the same way, concurrently, so they share rounds too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -26,6 +28,7 @@ import anyio
 import anyio.abc
 
 from agent.checkpoint import Allocation, Checkpoint, Snapshot, snapshot_of
+from agent.cni.deleter import LinkDeleter
 from agent.cni.spec import (
     CHECK_FAILED,
     INTERNAL,
@@ -56,8 +59,10 @@ class DatapathPort(Protocol):
     async def wire(self, pod: PodNet) -> WiredPod: ...
     async def check(self, pod: PodNet) -> list[str]: ...
     async def unwire_host(self, pod: PodNet) -> None: ...
-    async def delete_link(self, host_veth: str) -> None: ...
-    async def delete_links(self, host_veths: list[str]) -> None: ...
+    async def park_links(
+        self, names: list[str], group: int
+    ) -> tuple[dict[str, int], Mapping[str, Exception]]: ...
+    async def delete_parked(self, names: list[str], group: int) -> None: ...
     async def host_veths(self) -> dict[str, int]: ...
     async def link_exists(self, name: str) -> bool: ...
 
@@ -99,7 +104,6 @@ class CniService:
         mtu: int,
         add_wait: float = 2.0,
         wire_timeout: float = 10.0,
-        delete_delay: float = 1.0,
         clock: Callable[[], float] = anyio.current_time,
         events: EventBus | None = None,
     ) -> None:
@@ -109,7 +113,6 @@ class CniService:
         self.mtu = mtu
         self.add_wait = add_wait
         self.wire_timeout = wire_timeout
-        self.delete_delay = delete_delay
         self.clock = clock
         self.events = events or EventBus()
         self.allocations: dict[PodKey, Allocation] = {}
@@ -118,8 +121,7 @@ class CniService:
         self.ready = False
         self.pool_changed = anyio.Event()
         self.demand = anyio.Event()
-        self._deleting: dict[str, anyio.Event] = {}
-        self._delete_send, self._delete_recv = anyio.create_memory_object_stream[str](10_000)
+        self.deleter = LinkDeleter(datapath)
 
     def __repr__(self) -> str:
         return f"<CniService allocations={len(self.allocations)} pool={self.pool!r}>"
@@ -167,46 +169,8 @@ class CniService:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Delete veths handed over by DEL, off the reply path, in batches.
-
-        Each veth deletion waits ~20 ms in the kernel under the rtnl lock, stalling every other
-        netlink user (the next DEL's route removal included); a batch deleted as one link group
-        pays that wait once, and waiting ``delete_delay`` for the batch to gather lets a burst
-        of DELs finish before the stall. An ADD reusing a name still pending waits for it.
-        """
-        task_status.started()
-        async for name in self._delete_recv:
-            await anyio.sleep(self.delete_delay)
-            batch = [name]
-            while True:
-                try:
-                    batch.append(self._delete_recv.receive_nowait())
-                except anyio.WouldBlock:
-                    break
-            try:
-                await self.datapath.delete_links(batch)
-            except Exception as e:  # never fatal: what is left is collected by GC later
-                log.error(
-                    "veth deletion failed",
-                    exc_info=not isinstance(e, NetlinkError),
-                    extra={"veths": len(batch), "error": str(e)},
-                )
-            finally:
-                for n in batch:
-                    done = self._deleting.pop(n, None)
-                    if done is not None:
-                        done.set()
-
-    def _schedule_delete(self, name: str) -> None:
-        if name in self._deleting:
-            return
-        self._deleting[name] = anyio.Event()
-        self._delete_send.send_nowait(name)
-
-    async def _await_deletion(self, name: str) -> None:
-        pending = self._deleting.get(name)
-        if pending is not None:
-            await pending.wait()
+        """Run the shared veth deletions (``LinkDeleter.run``) until cancelled."""
+        await self.deleter.run(task_status=task_status)
 
     def notify_pool_changed(self) -> None:
         """Called by whoever adds addresses to the pool: wakes ADDs waiting for one."""
@@ -254,7 +218,7 @@ class CniService:
             wired: WiredPod | None = None
             try:
                 await self.checkpoint.commit()
-                await self._await_deletion(alloc.host_veth)
+                await self.deleter.wait_for(alloc.host_veth)
                 with anyio.fail_after(self.wire_timeout):
                     wired = await self.datapath.wire(self.pod_net(alloc))
             except BaseException:
@@ -296,8 +260,7 @@ class CniService:
     async def _undo_add(self, alloc: Allocation, wired: WiredPod | None) -> None:
         try:
             if wired is not None:
-                await self.datapath.unwire_host(self.pod_net(alloc))
-                await self.datapath.delete_link(alloc.host_veth)
+                await self._unwire(alloc)
         except NetlinkError as e:  # the netns may be gone; GC collects what is left
             log.warning(
                 "undo of a failed ADD incomplete", extra={"key": str(alloc.key), "error": str(e)}
@@ -310,12 +273,17 @@ class CniService:
             log.error("checkpoint write failed while undoing ADD", extra={"error": str(e)})
 
     async def _teardown(self, alloc: Allocation, *, keep_record: bool) -> None:
-        """Remove the datapath of ``alloc`` now (not in the background)."""
-        await self._await_deletion(alloc.host_veth)
-        await self.datapath.unwire_host(self.pod_net(alloc))
-        await self.datapath.delete_link(alloc.host_veth)
+        """Remove the datapath of ``alloc``."""
+        await self._unwire(alloc)
         if not keep_record:
             self.allocations.pop(alloc.key, None)
+
+    async def _unwire(self, alloc: Allocation) -> None:
+        """Remove the host rules of ``alloc`` (if its address has any) and its veth pair; the
+        pair's routes go with it. Returns once the pod's interface is gone."""
+        if alloc.table is not None:
+            await self.datapath.unwire_host(self.pod_net(alloc))
+        await self.deleter.delete([alloc.host_veth])
 
     async def delete(self, req: CniRequest) -> None:
         """Release the attachment; succeeds when it or its netns is already gone."""
@@ -325,15 +293,13 @@ class CniService:
     async def _release(self, key: PodKey) -> Allocation | None:
         alloc = self.allocations.get(key)
         if alloc is None:
-            name = host_veth_name(key.network, key.container_id, key.ifname)
-            if await self.datapath.link_exists(name):
-                self._schedule_delete(name)
+            # A veth left by an ADD the agent never recorded (killed mid-ADD at first start).
+            await self.deleter.delete([host_veth_name(key.network, key.container_id, key.ifname)])
             return None
-        await self.datapath.unwire_host(self.pod_net(alloc))
+        await self._unwire(alloc)
         del self.allocations[key]
         self.pool.release(alloc.ip, self.clock())
         await self.checkpoint.commit()
-        self._schedule_delete(alloc.host_veth)
         self.events.publish(
             "pod.deleted", key=str(key), ip=str(alloc.ip), cooldown_s=self.pool.cooldown
         )
@@ -368,19 +334,26 @@ class CniService:
             for k in list(self.allocations)
             if k.network == req.conf.name and (k.container_id, k.ifname) not in valid
         ]
-        released, errors = [], []
+        released: list[Allocation] = []
+        errors: list[str] = []
+
         # The runtime never runs GC concurrently with ADD/DEL on the network, so a held key lock
         # is the agent's own (repair, its GC): wait for it rather than skip the attachment.
-        for key in stale:
+        # Concurrent, so that the veth deletions share rounds.
+        async def release(key: PodKey) -> None:
             try:
                 async with self.locks.hold(key):
                     alloc = await self._release(key)
             except (NetlinkError, OSError) as e:
                 errors.append(f"{key}: {e}")
-                continue
+                return
             if alloc is not None:
                 released.append(alloc)
                 log.info("gc released", extra={"key": str(key), "ip": str(alloc.ip)})
+
+        async with anyio.create_task_group() as tg:
+            for key in stale:
+                tg.start_soon(release, key)
         if errors:
             raise CniError(
                 INTERNAL, f"GC failed for {len(errors)} attachment(s)", "; ".join(errors)
@@ -419,4 +392,3 @@ def map_error(exc: Exception) -> CniError:
     if isinstance(exc, OSError):
         return CniError(5, "I/O failure", str(exc))
     return CniError(INTERNAL, "internal error", f"{type(exc).__name__}: {exc}")
-

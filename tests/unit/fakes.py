@@ -63,17 +63,19 @@ class FakeDatapath:
         self.calls.append(f"unwire {pod.host_veth}")
         self.routes.discard(pod.host_veth)
 
-    async def delete_link(self, host_veth: str) -> None:
-        self.calls.append(f"delete {host_veth}")
-        await anyio.sleep(0.02)  # the kernel's wait: what DEL must not block on
-        self.pods.pop(host_veth, None)
-        self.deleted.append(host_veth)
+    async def park_links(
+        self, names: list[str], group: int
+    ) -> tuple[dict[str, int], dict[str, Exception]]:
+        self.calls.append(f"park {len(names)}")
+        index = {name: i for i, name in enumerate(self.pods, start=10)}
+        return {n: index[n] for n in names if n in index}, {}
 
-    async def delete_links(self, host_veths: list[str]) -> None:
-        self.calls.append(f"delete batch {len(host_veths)}")
+    async def delete_parked(self, names: list[str], group: int) -> None:
+        self.calls.append(f"delete batch {len(names)}")
         await anyio.sleep(0.02)  # one kernel wait for the whole batch
-        for name in host_veths:
+        for name in names:
             self.pods.pop(name, None)
+            self.routes.discard(name)  # the routes go with the link
             self.deleted.append(name)
 
     async def host_veths(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ from agent.cni.spec import CniError, CniRequest, validate
 from agent.pool.ipam import IpPool
 from cloud.provider import AddressBlock
 from cloud.static import usable_hosts
-from netlink.errors import NetnsNotFound
+from netlink.errors import NetlinkError, NetnsNotFound
 from netlink.names import host_veth_name
 from tests.unit.fakes import FakeDatapath, FakeProvider
 
@@ -74,10 +74,10 @@ async def test_add_then_del(paths: Path) -> None:
         await svc.delete(req("DEL", "c1"))
         assert on_disk(svc) == set()  # recorded before DEL answered
         name = host_veth_name("podwire", "c1", "eth0")
-        assert name not in dp.routes  # host route removed on the reply path
+        # undone before DEL answered: the veth pair and its route
+        assert name in dp.deleted and name not in dp.pods and name not in dp.routes
         await svc.delete(req("DEL", "c1"))  # idempotent
-        while name not in dp.deleted:  # the veth goes in the background
-            await anyio.sleep(0.01)
+        assert dp.deleted == [name]
         tg.cancel_scope.cancel()
 
 
@@ -173,7 +173,7 @@ async def test_one_operation_per_key(paths: Path, autojump_clock: trio.testing.M
         assert svc.allocations == {}
         n.cancel_scope.cancel()
     name = host_veth_name("podwire", "c1", "eth0")
-    assert dp.calls[:2] == [f"wire {name}", f"unwire {name}"]
+    assert dp.calls[:3] == [f"wire {name}", "park 1", "delete batch 1"]
 
 
 @pytest.mark.anyio
@@ -275,18 +275,77 @@ async def test_restore_keeps_live_pods_and_drops_dead_ones(paths: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_failing_background_deletion_never_stops_the_service(paths: Path) -> None:
+async def test_a_failing_deletion_fails_the_del_and_keeps_the_allocation(paths: Path) -> None:
     svc, dp = service(paths)
+    real = dp.delete_parked
 
-    async def broken(names: list[str]) -> None:
-        raise RuntimeError("kernel said no")
+    async def broken(names: list[str], group: int) -> None:
+        raise NetlinkError("kernel said no")
 
-    dp.delete_links = broken  # type: ignore[method-assign]
+    dp.delete_parked = broken  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:
         await tg.start(svc.run)
         await svc.restore(Snapshot())
         await svc.add(req("ADD", "c1"))
-        await svc.delete(req("DEL", "c1"))
-        await anyio.sleep(0.05)
+        with pytest.raises(NetlinkError, match="kernel said no"):
+            await svc.delete(req("DEL", "c1"))
+        assert on_disk(svc) == {"c1"} and svc.pool.assigned == 1  # nothing released yet
         assert (await svc.add(req("ADD", "c2")))["ips"]  # still serving
+        dp.delete_parked = real  # type: ignore[method-assign]
+        await svc.delete(req("DEL", "c1"))  # the runtime's retry
+        assert on_disk(svc) == {"c2"}
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_lone_del_waits_for_the_kernel_only(
+    paths: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    svc, dp = service(paths)
+    async with trio.open_nursery() as n:
+        await n.start(svc.run)
+        await svc.restore(Snapshot())
+        await svc.add(req("ADD", "c1"))
+        start = trio.current_time()
+        await svc.delete(req("DEL", "c1"))
+        # the fake kernel's 20 ms, and no gathering window on top
+        assert trio.current_time() - start == pytest.approx(0.02)
+        assert host_veth_name("podwire", "c1", "eth0") in dp.deleted
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_concurrent_dels_share_deletions(
+    paths: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    svc, dp = service(paths, cidr="10.0.1.0/24")
+    async with trio.open_nursery() as n:
+        await n.start(svc.run)
+        await svc.restore(Snapshot())
+        for i in range(30):
+            await svc.add(req("ADD", f"c{i}"))
+        start = trio.current_time()
+        async with trio.open_nursery() as dels:
+            for i in range(30):
+                dels.start_soon(svc.delete, req("DEL", f"c{i}"))
+        assert len(dp.deleted) == 30 and not dp.pods
+        assert svc.deleter.rounds <= 2  # the first DEL's round, then all the others
+        assert trio.current_time() - start <= 0.04 + 1e-9
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_gc_deletes_the_veths_before_it_returns(paths: Path) -> None:
+    svc, dp = service(paths)
+    async with anyio.create_task_group() as tg:
+        await tg.start(svc.run)
+        await svc.restore(Snapshot())
+        for i in range(3):
+            await svc.add(req("ADD", f"c{i}"))
+        gc = validate(
+            {"CNI_COMMAND": "GC", "CNI_PATH": "/opt/cni/bin"},
+            {**CONF, "cniVersion": "1.1.0", "cni.dev/valid-attachments": []},
+        )
+        await svc.gc(gc)
+        assert not dp.pods and len(dp.deleted) == 3
         tg.cancel_scope.cancel()
