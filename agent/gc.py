@@ -520,8 +520,14 @@ class GcService:
         self._poked.set()
 
     def on_watch(self, item: Item) -> None:
-        """Watcher callback: poke when a host veth of ours went away, or after a resync."""
-        if not isinstance(item, Batch) or item.links_gone(self.policy.veth_prefix):
+        """Watcher callback: poke when the host veth of a live allocation went away, or after a
+        resync. The veths DEL and GC delete are not news (a look per DEL would cost more CPU
+        than the DEL itself): their allocations are gone by the time the batch arrives."""
+        if not isinstance(item, Batch):
+            self.poke()
+            return
+        gone = {e.name for e in item.links_gone(self.policy.veth_prefix)}
+        if gone and any(a.host_veth in gone for a in self.cni.allocations.values()):
             self.poke()
 
     async def run_once(self, *, dry_run: bool = False) -> GcReport:

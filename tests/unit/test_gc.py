@@ -539,15 +539,19 @@ async def test_serve_replays_the_spool_and_keeps_going_after_a_failed_look(
 
 
 @pytest.mark.anyio
-async def test_on_watch_pokes_for_our_veths_going_and_for_resyncs(tmp_path: Path) -> None:
+async def test_on_watch_pokes_for_a_live_pods_veth_going_and_for_resyncs(tmp_path: Path) -> None:
     svc, dp = service(tmp_path)
+    probe = FakeNetnsProbe(dp)
     gc = GcService(svc, dp)
+    await svc.restore(Snapshot())
+    a = await add(svc, dp, probe, "a")
     other = LinkEvent(kind="del", index=3, name="eth1", mac="", up=False)
     new = LinkEvent(kind="new", index=4, name="pwvabc", mac="", up=True)
-    gone = LinkEvent(kind="del", index=4, name="pwvabc", mac="", up=False)
-    gc.on_watch(Batch(events=(other, new)))
-    assert not gc._poked.is_set()
-    gc.on_watch(Batch(events=(gone,)))
+    deleted = LinkEvent(kind="del", index=4, name="pwvabc", mac="", up=False)  # by a DEL
+    gc.on_watch(Batch(events=(other, new, deleted)))
+    assert not gc._poked.is_set()  # no look per DEL
+    vanished = LinkEvent(kind="del", index=5, name=a.host_veth, mac="", up=False)
+    gc.on_watch(Batch(events=(vanished,)))
     assert gc._poked.is_set()
     gc._poked = anyio.Event()
     gc.on_watch(Resync(reason="overrun", links=(), addrs=(), routes=(), rules=()))
