@@ -8,9 +8,11 @@ imports nothing but ``_socket`` (a built-in module: ~0 ms, where ``json`` and ``
 through as is — and the result is sliced out of the agent's canonical reply
 (``{"id":1,"result":...}``) without parsing it. ``json`` is imported only on error paths.
 
-VERSION is answered here. If the agent cannot be reached: STATUS answers code 50, ADD code 11
-(try again later), and DEL is written to the spool directory and succeeds — the agent replays
-the spool when it starts, so a DEL is never lost and never strands a pod in Terminating.
+VERSION is answered here. If the agent cannot be reached: a config that is not a JSON object
+answers code 6 (it is parsed only then), STATUS code 50, ADD code 11 (try again later), and DEL
+is written to the spool directory and succeeds — the agent replays the spool when it starts, so
+a DEL is never lost and never strands a pod in Terminating. Whatever happens, the runtime gets
+CNI error JSON on stdout, never a traceback.
 """
 
 import _socket
@@ -58,7 +60,7 @@ def _conf_str(conf, key):
             import json
             value = json.loads(conf).get(key.decode())
             return value if isinstance(value, str) else None
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return None
     return raw.decode("utf-8", "replace")
 
@@ -78,18 +80,43 @@ def _request(path, payload):
             raise Unreachable(f"cannot connect to {path}: {e.strerror or e}") from None
         try:
             s.sendall(payload)
-            chunks = []
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise Unreachable("agent closed the connection without answering")
-                chunks.append(chunk)
-                if chunk.endswith(b"\n"):
-                    return b"".join(chunks)
         except OSError as e:
-            raise Unreachable("agent connection failed: %s" % (e.strerror or e)) from None
+            # The agent may have answered and closed while we were still writing (a request
+            # too large): its reply is still there to read.
+            return _reply(s, "agent connection failed: %s" % (e.strerror or e))
+        return _reply(s, None)
     finally:
         s.close()
+
+
+def _reply(s, send_error):
+    chunks = []
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                return b"".join(chunks)
+    except OSError as e:
+        if send_error is None:
+            raise Unreachable("agent connection failed: %s" % (e.strerror or e)) from None
+    raise Unreachable(send_error or "agent closed the connection without answering")
+
+
+def _parse_error(conf):
+    """Return why ``conf`` is not a JSON object, in the user's own lines and columns, or None."""
+    import json
+    try:
+        doc = json.loads(conf)
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):
+            return f"{e.msg}: line {e.lineno} column {e.colno} (char {e.pos})"
+        return str(e)
+    except RecursionError:
+        return "nested too deeply"
+    return None if isinstance(doc, dict) else "stdin must hold a JSON object"
 
 
 def _error(conf, code, msg, details=""):
@@ -144,6 +171,11 @@ def run(environ, conf):
     try:
         reply = _request(path, payload)
     except Unreachable as e:
+        # The socket path may have come from a config the agent would have refused: say so,
+        # rather than "try again" (or spooling a DEL that can never be replayed).
+        bad = _parse_error(conf)
+        if bad is not None:
+            return _error(conf, 6, "invalid network configuration", bad)
         if command == "DEL":
             try:
                 _spool(conf, env_json, _conf_str(conf, b"spoolDir") or DEFAULT_SPOOL)
@@ -159,15 +191,40 @@ def run(environ, conf):
         return 0, b"" if result == b"null" else result + b"\n"
     import json
     try:
-        err = json.loads(reply)["error"]
-        return _error(conf, int(err["code"]), str(err["msg"]), str(err.get("details", "")))
-    except (ValueError, KeyError, TypeError):
+        doc = json.loads(reply)
+        err = doc["error"]
+        code, msg, details = int(err["code"]), str(err["msg"]), str(err.get("details", ""))
+    except (ValueError, KeyError, TypeError, RecursionError):
         excerpt = reply[:200].decode("utf-8", "replace")
         return _error(conf, 999, "malformed reply from podwire-agent", excerpt)
+    if code == 6 and doc.get("id") is None:
+        # The agent could not decode the request line, whose position means nothing to the
+        # user: name the place in their own config, if that is where the fault is.
+        bad = _parse_error(conf)
+        if bad is not None:
+            return _error(conf, 6, "invalid network configuration", bad)
+    return _error(conf, code, msg, details)
+
+
+def _read_stdin():
+    stdin = sys.stdin
+    if stdin is None:  # descriptor 0 closed
+        return b""
+    try:
+        return stdin.buffer.read()
+    except (OSError, ValueError, AttributeError):
+        return b""
 
 
 def main():
-    code, out = run(os.environ, sys.stdin.buffer.read())
+    conf = _read_stdin()
+    try:
+        code, out = run(os.environ, conf)
+    except Exception as e:  # never a traceback instead of CNI error JSON
+        try:
+            code, out = _error(conf, 999, "podwire plugin failed", f"{type(e).__name__}: {e}")
+        except Exception:
+            code, out = 1, b'{"cniVersion": "1.0.0", "code": 999, "msg": "podwire plugin failed"}\n'
     if out:
         sys.stdout.buffer.write(out)
         sys.stdout.buffer.flush()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -131,3 +134,86 @@ def test_reply_handling(tmp_path: Path, reply: bytes, code: int, out: bytes | No
     request = json.loads(got[0])  # one line, valid JSON, config passed through
     assert request["method"] == "cni.add" and request["params"]["env"]["CNI_ARGS"] == "A=1"
     assert request["params"]["config"]["name"] == "podwire" and got[0].count(b"\n") == 1
+
+
+PLUGIN = Path(podwire.__file__)
+
+
+def exec_plugin(
+    env: dict[str, str], stdin: bytes | None, close_stdin: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the plugin file as a runtime does (``python3 -IS``), optionally with fd 0 closed."""
+    return subprocess.run(
+        [sys.executable, "-IS", str(PLUGIN)],
+        env={"PATH": "/usr/bin:/bin", **env},
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=stdin is not None,
+        stdout=None if stdin is not None else subprocess.PIPE,
+        stderr=None if stdin is not None else subprocess.PIPE,
+        preexec_fn=(lambda: os.close(0)) if close_stdin else None,
+        timeout=30,
+    )
+
+
+def test_a_config_that_is_not_json_gets_6_even_without_a_socket_path(tmp_path: Path) -> None:
+    # no agentSocket found in it: the default socket is absent here, and that is not the news
+    for command in ("ADD", "CHECK", "DEL"):
+        code, out = podwire.run({**ENV, "CNI_COMMAND": command}, b'{"cniVersion": "1.0.0", "na')
+        doc = json.loads(out)
+        assert (code, doc["code"]) == (1, 6) and "line 1 column" in doc["details"], command
+    # and a malformed DEL is refused, not spooled for a replay that can never succeed
+    spool = tmp_path / "spool"
+    raw = b'{"spoolDir": "%s", "agentSocket": "%s/x", ' % (
+        str(spool).encode(),
+        str(tmp_path).encode(),
+    )
+    code, out = podwire.run({**ENV, "CNI_COMMAND": "DEL"}, raw)
+    assert (code, json.loads(out)["code"]) == (1, 6) and not spool.exists()
+
+
+def test_the_plugin_never_dies_with_a_traceback(tmp_path: Path) -> None:
+    env = {**ENV, "CNI_COMMAND": "ADD"}
+    closed = exec_plugin(env, None, close_stdin=True)
+    assert closed.returncode == 1 and b"Traceback" not in closed.stderr
+    assert json.loads(closed.stdout)["code"] == 6
+    deep = b'{"cniVersion": "1.\\u0030.0", "agentSocket": "/a\\"b", "x": ' + b"[" * 200_000
+    nested = exec_plugin(env, deep + b"]" * 200_000 + b"}")
+    assert nested.returncode == 1 and b"Traceback" not in nested.stderr, nested.stderr[-500:]
+    assert json.loads(nested.stdout)["code"] == 6
+    version = exec_plugin({"CNI_COMMAND": "VERSION"}, None, close_stdin=True)
+    assert version.returncode == 0 and json.loads(version.stdout)["supportedVersions"]
+
+
+def test_a_reply_sent_while_the_plugin_was_still_writing_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def agent() -> None:  # reads a little, answers as the agent does, closes
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(
+            b'{"id":null,"error":{"code":6,"msg":"request too large","details":"1 MiB"}}\n'
+        )
+        conn.close()
+        srv.close()
+
+    threading.Thread(target=agent, daemon=True).start()
+    big = conf(tmp_path, pad="x" * (8 << 20))
+    for command in ("ADD",):
+        code, out = podwire.run({**ENV, "CNI_COMMAND": command}, big)
+        assert (code, json.loads(out)["msg"]) == (1, "request too large")
+
+
+def test_a_frame_decode_error_names_the_place_in_the_users_config(tmp_path: Path) -> None:
+    got = serve_once(
+        tmp_path / "agent.sock",
+        b'{"id":null,"error":{"code":6,"msg":"invalid request","details":"line 1 column 412"}}\n',
+    )
+    raw = conf(tmp_path)[:-2] + b',\n  "x": nope\n}'
+    code, out = podwire.run(ENV, raw)
+    doc = json.loads(out)
+    assert got and (code, doc["code"]) == (1, 6)
+    assert doc["details"].endswith(f"line 7 column 8 (char {raw.index(b'nope')})")
