@@ -132,6 +132,18 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files of writes a killed agent never finished (``.state.json.<pid>.tmp``
+    beside ``path``); return those removed. Only one agent runs per state directory."""
+    removed = []
+    own = f".{path.name}.{os.getpid()}.tmp"
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        if tmp.name != own:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def load(path: Path) -> Snapshot:
     """Read the checkpoint; a missing file is an empty snapshot."""
     try:
@@ -193,4 +205,3 @@ def snapshot_of(
         allocations=tuple(allocations),
         cooling=tuple(CoolingEntry(ip=ip, released_at=t + offset) for ip, t in cooling),
     )
-

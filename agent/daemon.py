@@ -239,6 +239,8 @@ async def run(
 ) -> None:
     """Run the agent until cancelled or signalled."""
     Path(cfg.agent.state_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
+    for tmp in ckpt.remove_stale_temps(cfg.state_path):
+        log.info("removed a stale checkpoint temp file", extra={"file": str(tmp)})
     if cfg.agent.ip_forward:
         enable_forwarding()
     datapath = Datapath()

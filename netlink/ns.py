@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from netlink.errors import NetlinkError, NetnsNotFound, NotANetns
 
@@ -65,6 +65,20 @@ def _fstatfs_type(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(buf.f_type) & 0xFFFFFFFF
+
+
+def is_netns_of(path: str, fds: Sequence[int]) -> bool:
+    """Return whether ``path`` names the same namespace as one of ``fds`` (same nsfs inode);
+    False when ``path`` cannot be looked at (the caller's open reports why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for fd in fds:
+        other = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            return True
+    return False
 
 
 def current_netns_fd() -> int:

@@ -72,7 +72,7 @@ from netlink.errors import (
     WireFailed,
 )
 from netlink.names import HOST_VETH_PREFIX
-from netlink.ns import current_netns_fd, open_netns
+from netlink.ns import current_netns_fd, is_netns_of, open_netns
 from netlink.rtnl import (
     ACKED,
     CREATE,
@@ -416,6 +416,7 @@ class Datapath:
         """Work on the node side in ``host_netns`` (a path), or in the constructing thread's
         namespace when None. Raises NetnsNotFound / NotANetns for a bad path."""
         self._host_fd = current_netns_fd() if host_netns is None else open_netns(host_netns)
+        self._own_fd = current_netns_fd()
         self._host_name = host_netns or "(own)"
         self._sockets = ThreadSockets(self._host_fd)
         self._lock = threading.Lock()
@@ -432,6 +433,12 @@ class Datapath:
             self._closed = True
         self._sockets.close()
         os.close(self._host_fd)
+        os.close(self._own_fd)
+
+    def is_node_netns(self, path: str) -> bool:
+        """Return whether ``path`` is the node's namespace (the host side's, or the one this
+        datapath was made in): no pod may be wired into it."""
+        return is_netns_of(path, (self._host_fd, self._own_fd))
 
     def _host(self) -> Rtnl:
         """Return this thread's host-namespace socket, opening it on first use."""

@@ -20,6 +20,9 @@ class ThreadedDatapath:
         self._dp = datapath
         self._limiter = anyio.CapacityLimiter(threads)
 
+    def is_node_netns(self, path: str) -> bool:
+        return self._dp.is_node_netns(path)
+
     async def wire(self, pod: PodNet) -> WiredPod:
         return await anyio.to_thread.run_sync(self._dp.wire, pod, limiter=self._limiter)
 

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
 from typing import Any, Protocol
 
 import anyio
@@ -32,6 +33,7 @@ from agent.cni.deleter import LinkDeleter
 from agent.cni.spec import (
     CHECK_FAILED,
     INTERNAL,
+    INVALID_CONFIG,
     INVALID_ENV,
     STATUS_UNAVAILABLE,
     TRY_AGAIN_LATER,
@@ -56,6 +58,7 @@ log = logging.getLogger("podwire.cni")
 class DatapathPort(Protocol):
     """The datapath as the CNI service sees it (netlink's Datapath run in worker threads)."""
 
+    def is_node_netns(self, path: str) -> bool: ...
     async def wire(self, pod: PodNet) -> WiredPod: ...
     async def check(self, pod: PodNet) -> list[str]: ...
     async def unwire_host(self, pod: PodNet) -> None: ...
@@ -193,12 +196,28 @@ class CniService:
     async def add(self, req: CniRequest) -> dict[str, Any]:
         """Wire the pod and return the ADD result in the config's version; raises CniError."""
         key = req.key
+        if self.datapath.is_node_netns(req.netns):
+            raise CniError(INVALID_ENV, "CNI_NETNS is the node's own network namespace", req.netns)
         async with self.locks.hold(key):
             old = self.allocations.get(key)
+            want = req.requested_ip
             if old is not None:
-                # The runtime retries an ADD it got no answer to: start over with the same IP.
+                # The runtime retries an ADD it got no answer to: start over with the same IP
+                # (unless it now asks for another).
                 await self._teardown(old, keep_record=True)
-                lease = Lease(ip=old.ip, owner=old.owner, table=old.table)
+                if want is None or want == old.ip:
+                    lease = Lease(ip=old.ip, owner=old.owner, table=old.table)
+                else:
+                    del self.allocations[key]
+                    self.pool.release(old.ip, self.clock())
+                    try:
+                        lease = self._requested(key, want)
+                    except CniError:
+                        with anyio.CancelScope(shield=True):
+                            await self.checkpoint.commit()
+                        raise
+            elif want is not None:
+                lease = self._requested(key, want)
             else:
                 lease = await self._acquire(key)
             alloc = Allocation(
@@ -243,6 +262,21 @@ class CniService:
             pod=f"{alloc.pod_namespace}/{alloc.pod_name}" if alloc.pod_name else "",
         )
         return render_add_result(req.conf.cni_version, out, req.conf.dns)
+
+    def _requested(self, key: PodKey, ip: IPv4Address) -> Lease:
+        """Assign the address the runtime asked for; raises CniError when it cannot be had."""
+        try:
+            return self.pool.assign_requested(ip, key, self.clock())
+        except AddressUnknown:
+            raise CniError(
+                INVALID_CONFIG,
+                "requested address is not one this node can give",
+                f"{ip} is not in the pool of this node ({self.provider.name} provider)",
+            ) from None
+        except AddressTaken as e:
+            raise CniError(
+                TRY_AGAIN_LATER, "requested address is in use", f"{ip} is assigned to {e.holder}"
+            ) from None
 
     async def _acquire(self, key: PodKey) -> Lease:
         deadline = self.clock() + self.add_wait

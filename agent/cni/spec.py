@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_interface
 from typing import Any, Final
 
 import attrs
@@ -81,6 +81,7 @@ class CniRequest:
     args: Mapping[str, str]
     path: str
     conf: NetConf
+    requested_ip: IPv4Address | None = None  # ADD: the address the runtime asks for
 
     @property
     def key(self) -> PodKey:
@@ -144,6 +145,8 @@ def parse_netconf(config: Mapping[str, Any], command: str) -> NetConf:
             f"{command} needs cniVersion 1.1.0 or later, config is {version}",
         )
     name = config.get("name")
+    if name is None or name == "":
+        raise CniError(INVALID_CONFIG, "missing network name", 'the configuration has no "name"')
     if not isinstance(name, str) or not _ID_RE.match(name):
         raise CniError(INVALID_CONFIG, "invalid network name", repr(name))
     mtu = config.get("mtu")
@@ -154,6 +157,8 @@ def parse_netconf(config: Mapping[str, Any], command: str) -> NetConf:
     prev = config.get("prevResult")
     if prev is not None and not isinstance(prev, Mapping):
         raise CniError(DECODE_FAILURE, "invalid prevResult", "expected an object")
+    if prev is not None and command in ("ADD", "CHECK"):
+        check_result(prev, "$.prevResult")
     dns = config.get("dns")
     if dns is not None and not isinstance(dns, Mapping):
         raise CniError(INVALID_CONFIG, "invalid dns", "expected an object")
@@ -165,6 +170,50 @@ def parse_netconf(config: Mapping[str, Any], command: str) -> NetConf:
         dns=dns,
         valid_attachments=_valid_attachments(config) if command == "GC" else None,
     )
+
+
+# The result fields a plugin reads, with the JSON type each member must have.
+_RESULT_LISTS: Final[dict[str, dict[str, type]]] = {
+    "interfaces": {"name": str, "mac": str, "sandbox": str, "mtu": int},
+    "ips": {"address": str, "gateway": str, "interface": int, "version": str},
+    "routes": {"dst": str, "gw": str},
+}
+_JSON_TYPE: Final[dict[type, str]] = {
+    str: "a string",
+    int: "an integer",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def check_result(doc: Mapping[str, Any], where: str) -> None:
+    """Raise CniError(6) naming the path of the first field of a CNI result (``doc``, found at
+    ``where``) whose type is wrong; unknown fields are left alone."""
+
+    def bad(path: str, want: type) -> CniError:
+        return CniError(
+            DECODE_FAILURE, "invalid prevResult", f"expected {_JSON_TYPE[want]} @ {path}"
+        )
+
+    if "cniVersion" in doc and not isinstance(doc["cniVersion"], str):
+        raise bad(f"{where}.cniVersion", str)
+    if "dns" in doc and not isinstance(doc["dns"], Mapping):
+        raise bad(f"{where}.dns", dict)
+    for key, fields in _RESULT_LISTS.items():
+        items = doc.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise bad(f"{where}.{key}", list)
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise bad(f"{where}.{key}[{i}]", dict)
+            for field, want in fields.items():
+                value = item.get(field)
+                if value is None:
+                    continue
+                if not isinstance(value, want) or isinstance(value, bool):
+                    raise bad(f"{where}.{key}[{i}].{field}", want)
 
 
 def _valid_attachments(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -224,7 +273,63 @@ def validate(env: Mapping[str, str], config: Mapping[str, Any]) -> CniRequest:
         args=args,
         path=path,
         conf=conf,
+        requested_ip=requested_address(args, config) if command == "ADD" else None,
     )
+
+
+def requested_address(args: Mapping[str, str], config: Mapping[str, Any]) -> IPv4Address | None:
+    """Return the address the runtime asks for, or None when it asks for none.
+
+    Three places may ask, all honoured: ``runtimeConfig.ips`` (the ``ips`` capability),
+    ``args.cni.ips`` (the args convention) and CNI_ARGS ``IP=`` (host-local's convention, which
+    podman's ``--ip`` uses). Entries may carry a prefix length (``10.1.2.3/24``); the pod gets
+    the address as a /32 whatever it is. Raises CniError: 4 (CNI_ARGS) or 7 for something that
+    is not an address, 2 for an IPv6 address or a second address (a pod gets one IPv4
+    address), 7 when two places ask for different addresses.
+    """
+    asked: dict[str, list[str]] = {}
+    runtime = config.get("runtimeConfig")
+    if isinstance(runtime, Mapping) and runtime.get("ips") is not None:
+        asked["runtimeConfig.ips"] = _address_list(runtime["ips"], "runtimeConfig.ips")
+    conf_args = config.get("args")
+    cni_args = conf_args.get("cni") if isinstance(conf_args, Mapping) else None
+    if isinstance(cni_args, Mapping) and cni_args.get("ips") is not None:
+        asked["args.cni.ips"] = _address_list(cni_args["ips"], "args.cni.ips")
+    if args.get("IP"):
+        asked["CNI_ARGS IP"] = [v for v in args["IP"].split(",") if v.strip()]
+    found: dict[str, IPv4Address] = {}
+    for where, entries in asked.items():
+        code = INVALID_ENV if where == "CNI_ARGS IP" else INVALID_CONFIG
+        addresses: list[IPv4Address] = []
+        for entry in entries:
+            try:
+                ip = ip_interface(entry.strip()).ip
+            except ValueError:
+                raise CniError(code, f"invalid address in {where}", repr(entry)) from None
+            if not isinstance(ip, IPv4Address):
+                raise CniError(
+                    UNSUPPORTED_FIELD, f"unsupported address in {where}", f"{entry}: IPv4 only"
+                )
+            addresses.append(ip)
+        distinct = list(dict.fromkeys(addresses))
+        if len(distinct) > 1:
+            raise CniError(
+                UNSUPPORTED_FIELD,
+                f"more than one address in {where}",
+                f"{', '.join(map(str, distinct))}: a pod gets one IPv4 address",
+            )
+        if distinct:
+            found[where] = distinct[0]
+    if len(set(found.values())) > 1:
+        detail = "; ".join(f"{where} {ip}" for where, ip in found.items())
+        raise CniError(INVALID_CONFIG, "conflicting requested addresses", detail)
+    return next(iter(found.values()), None)
+
+
+def _address_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CniError(INVALID_CONFIG, f"invalid {where}", "expected a list of addresses")
+    return list(value)
 
 
 @attrs.frozen(kw_only=True)

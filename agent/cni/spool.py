@@ -9,6 +9,7 @@ the next replay when the DEL failed for a passing reason.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -19,10 +20,17 @@ from agent.cni.spec import CniError, CniRequest, validate
 log = logging.getLogger("podwire.spool")
 
 
+# A plugin writes its temp file and renames it within milliseconds; one older than this was
+# left by a plugin killed mid-write and will never be renamed.
+STALE_TEMP_AGE = 60.0
+
+
 async def replay(
     spool_dir: Path, delete: Callable[[CniRequest], Awaitable[None]]
 ) -> tuple[int, int]:
-    """Replay every spooled DEL; return (replayed, kept for later)."""
+    """Replay every spooled DEL; return (replayed, kept for later). Also removes the temp
+    files of plugins killed while spooling."""
+    _remove_stale_temps(spool_dir)
     try:
         files = sorted(
             (p for p in spool_dir.iterdir() if p.suffix == ".json" and not p.name.startswith(".")),
@@ -54,3 +62,18 @@ async def replay(
         log.info("replayed spooled DEL", extra={"key": str(req.key)})
         done += 1
     return done, kept
+
+
+def _remove_stale_temps(spool_dir: Path) -> None:
+    try:
+        temps = [p for p in spool_dir.iterdir() if p.name.startswith(".")]
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for path in temps:
+        try:
+            if now - path.stat().st_mtime > STALE_TEMP_AGE:
+                path.unlink()
+                log.info("removed a stale spool temp file", extra={"file": path.name})
+        except FileNotFoundError:
+            pass

@@ -214,6 +214,16 @@ class IpPool:
         owner = self._owner[ip]
         return Lease(ip=ip, owner=owner, table=self._tables[owner])
 
+    def assign_requested(self, ip: IPv4Address, key: PodKey, now: float) -> Lease:
+        """Assign ``ip`` itself to ``key`` (a runtime asked for it): free or cooling both do,
+        a cooling address skipping the rest of its cooldown; ``key`` holding it already is fine.
+
+        Raises AddressUnknown when the pool does not hold it and AddressTaken when another
+        attachment holds it.
+        """
+        self._thaw(now)
+        return self.claim(ip, key)
+
     def claim(self, ip: IPv4Address, key: PodKey) -> Lease:
         """Mark ``ip`` assigned to ``key`` (restoring a checkpoint); free or cooling both do.
 

@@ -349,3 +349,31 @@ def _try_url(node: Node) -> str | None:
         return node.health_url
     except RuntimeError:
         return None
+
+
+def test_a_requested_address_must_be_one_the_nodes_enis_hold(vpc: Vpc) -> None:
+    subnet = vpc.add_subnet("10.0.0.0/20")
+    a, b, _ = two_nodes(vpc, "m5.large", subnet)
+    try:
+        peer = b.new_pod("peer")
+        peer_ip = add_retrying(b, peer).ip
+        # a pod on the first ENI makes the refiller attach a warm one
+        first = a.new_pod("first")
+        assert add_retrying(a, first).code == 0
+        found = until(lambda: enis(a), lambda es: any(not e["primary"] and e["ips"] for e in es))
+        eni = next(e for e in found if not e["primary"] and e["ips"])
+        wanted = next(ip for ip in eni["ips"] if ip != eni["primary_ip"])
+        pod = a.new_pod("req")
+        r = a.add(pod, args=f"IgnoreUnknown=1;IP={wanted}")
+        assert r.code == 0 and r.ip == wanted, r
+        # wired as any pod of that ENI: its table, its rules, traffic across the VPC
+        assert f"from {wanted} lookup {eni['table']}" in a.netns.run("ip", "rule").stdout
+        assert ping(pod, peer_ip, count=2) and ping(a.netns, wanted)
+        other = a.new_pod("req2")
+        for ip, code in ((eni["primary_ip"], 7), ("10.0.15.250", 7), (wanted, 11)):
+            r = a.add(other, args=f"IP={ip}")
+            assert r.code == 1 and r.doc["code"] == code, (ip, r)
+        assert a.delete(pod).code == 0
+    finally:
+        a.close()
+        b.close()

@@ -4,12 +4,13 @@ undo ADD before they answer, requested addresses, hostile input, the node's own 
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import Node, running_node
-from tests.netns import Netns
+from tests.harness import Node, ping, running_node
+from tests.netns import Netns, unique_name
 
 pytestmark = pytest.mark.root
 
@@ -81,3 +82,98 @@ def test_gc_answers_once_the_released_veths_are_gone(node: Node) -> None:
     assert kept.doc["interfaces"][0]["name"] in host_links
     assert links_of(drop) == {"lo"} and "eth0" in links_of(keep)
     assert node.delete(keep).code == 0
+
+
+# -- requested addresses (item 2) -------------------------------------------------------------
+
+
+def test_a_requested_address_through_cni_args_and_the_ips_capability(node: Node) -> None:
+    first, second, third = node.new_pod(), node.new_pod(), node.new_pod()
+    r = node.add(first, args="IgnoreUnknown=1;IP=10.79.0.200")
+    assert r.code == 0 and r.ip == "10.79.0.200", r
+    assert ping(node.netns, "10.79.0.200")
+    conf = node.plugin_conf(runtimeConfig={"ips": ["10.79.0.201/24"]})
+    r = node.add(second, conf=conf)
+    assert r.code == 0 and r.ip == "10.79.0.201" and r.doc["ips"][0]["address"].endswith("/32")
+    before = allocated(node)
+    taken = node.add(third, args="IP=10.79.0.200")
+    assert taken.code == 1 and taken.doc["code"] == 11 and first.name in taken.doc["details"]
+    outside = node.add(third, args="IP=10.80.0.1")
+    assert outside.code == 1 and outside.doc["code"] == 7 and "10.80.0.1" in outside.doc["details"]
+    assert allocated(node) == before and links_of(third) == {"lo"}
+    # released, the address cools for 30 s; asked for by name it is handed out at once
+    assert node.delete(first).code == 0
+    r = node.add(third, args="IP=10.79.0.200")
+    assert r.code == 0 and r.ip == "10.79.0.200", r
+    for pod in (second, third):
+        assert node.delete(pod).code == 0
+
+
+# -- hostile or broken input (items 3, 4, 6, 7) ----------------------------------------------
+
+
+def test_the_nodes_own_netns_is_refused_and_nothing_touched(node: Node) -> None:
+    assert node.proc is not None
+    bound = unique_name("ctbind")
+    subprocess.run(["ip", "netns", "attach", bound, str(node.proc.pid)], check=True)
+    try:
+        links, routes = links_of(node.netns), node.netns.run("ip", "route").stdout
+        before, pool = allocated(node), node.call("agent.status")["pool"]
+        for netns in (
+            "/proc/self/ns/net",
+            f"/proc/{node.proc.pid}/ns/net",
+            node.netns.path,
+            f"/run/netns/{bound}",
+        ):
+            r = node.cni("ADD", "own-netns", netns)
+            assert r.code == 1 and r.doc["code"] == 4 and "node's own" in r.doc["msg"], (netns, r)
+        assert links_of(node.netns) == links and node.netns.run("ip", "route").stdout == routes
+        assert allocated(node) == before and node.call("agent.status")["pool"] == pool
+    finally:
+        subprocess.run(["ip", "netns", "del", bound], check=False)
+
+
+def test_a_config_the_plugin_cannot_parse_is_6_even_without_a_socket_path(node: Node) -> None:
+    pod = node.new_pod()
+    r = node.add(pod, conf=b'{"cniVersion": "1.0.0", "name": ')
+    assert r.code == 1 and r.doc["code"] == 6 and "line 1 column" in r.doc["details"], r
+    # with the socket path, the agent answers, and the column is the user's, not the frame's
+    raw = b'{"agentSocket": "%s",\n "cniVersion": "1.0.0",\n "name": nope}' % node.socket.encode()
+    r = node.add(pod, conf=raw)
+    assert r.code == 1 and r.doc["code"] == 6 and "line 3 column 10" in r.doc["details"], r
+
+
+def test_an_oversized_config_is_6_on_add_and_on_del_and_nothing_is_spooled(node: Node) -> None:
+    pod = node.new_pod()
+    big = node.plugin_conf(pad="x" * (8 << 20))
+    for command in ("ADD", "DEL"):
+        r = node.cni(command, pod.name, pod.path, conf=big)
+        assert r.code == 1 and r.doc["code"] == 6 and r.doc["msg"] == "request too large", r
+    assert not list((node.dir / "spool").glob("*"))
+    assert node.call("agent.status")["ready"]
+
+
+def test_check_with_a_malformed_prev_result_is_a_decode_error(node: Node) -> None:
+    pod = node.new_pod()
+    assert node.add(pod).code == 0
+    r = node.cni("CHECK", pod.name, pod.path, conf=node.plugin_conf(prevResult={"ips": 5}))
+    assert r.code == 1 and r.doc["code"] == 6 and "$.prevResult.ips" in r.doc["details"], r
+    assert node.delete(pod).code == 0
+
+
+def test_a_missing_network_name_is_named(node: Node) -> None:
+    conf = {k: v for k, v in node.plugin_conf().items() if k != "name"}
+    pod = node.new_pod()
+    r = node.add(pod, conf=conf)
+    assert r.code == 1 and r.doc["code"] == 7 and r.doc["msg"] == "missing network name"
+    assert "None" not in r.doc.get("details", "")
+
+
+def test_stale_checkpoint_temp_files_are_removed_at_start() -> None:
+    with running_node(tag="cttmp") as node:
+        assert node.add(node.new_pod()).code == 0
+        node.kill()
+        stale = node.dir / "state" / ".state.json.4242.tmp"
+        stale.write_text('{"half": ')
+        node.start()
+        assert not stale.exists() and len(allocated(node)) == 1

@@ -19,6 +19,7 @@ class FakeDatapath:
 
     def __init__(self) -> None:
         self.netns: set[str] = set()
+        self.node_netns: set[str] = set()  # paths that name the node's own namespace
         self.pods: dict[str, PodNet] = {}  # host veth -> pod
         self.routes: set[str] = set()  # host veths whose host route exists
         self.fail_wire: Exception | None = None
@@ -29,6 +30,9 @@ class FakeDatapath:
 
     def _mac(self, name: str, side: int) -> str:
         return f"02:00:00:00:{side:02x}:{abs(hash(name)) % 256:02x}"
+
+    def is_node_netns(self, path: str) -> bool:
+        return path in self.node_netns
 
     async def wire(self, pod: PodNet) -> WiredPod:
         self.calls.append(f"wire {pod.host_veth}")

@@ -16,6 +16,7 @@ from agent.checkpoint import (
     decode,
     encode,
     load,
+    remove_stale_temps,
 )
 
 A = Allocation(
@@ -81,3 +82,15 @@ async def test_failed_write_raises_and_next_commit_retries(tmp_path: Path) -> No
     target.parent.mkdir()
     await ck.commit()
     assert load(target) == Snapshot()
+
+
+def test_stale_temp_files_of_killed_agents_are_removed(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{}")
+    stale = [tmp_path / ".state.json.123.tmp", tmp_path / ".state.json.99999.tmp"]
+    for p in stale:
+        p.write_text("half")
+    other = tmp_path / ".other.tmp"
+    other.write_text("x")
+    assert sorted(remove_stale_temps(path)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "state.json"]

@@ -349,3 +349,42 @@ async def test_gc_deletes_the_veths_before_it_returns(paths: Path) -> None:
         await svc.gc(gc)
         assert not dp.pods and len(dp.deleted) == 3
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_requested_address_is_honoured_or_refused_clearly(paths: Path) -> None:
+    svc, _ = service(paths)
+    async with anyio.create_task_group() as tg:
+        await tg.start(svc.run)
+        await svc.restore(Snapshot())
+        got = await svc.add(req("ADD", "c1", runtimeConfig={"ips": ["10.0.1.9/24"]}))
+        assert got["ips"][0]["address"] == "10.0.1.9/32" and on_disk(svc) == {"c1"}
+        with pytest.raises(CniError) as e:
+            await svc.add(req("ADD", "c2", runtimeConfig={"ips": ["10.0.1.9"]}))
+        assert e.value.code == 11 and "podwire/c1/eth0" in e.value.details
+        with pytest.raises(CniError) as e:
+            await svc.add(req("ADD", "c3", runtimeConfig={"ips": ["10.0.2.1"]}))
+        assert e.value.code == 7 and "10.0.2.1" in e.value.details
+        assert svc.pool.assigned == 1 and set(svc.allocations) == {req("ADD", "c1").key}
+        # released: cooling for 30 s, but asked for by name it is handed out at once
+        await svc.delete(req("DEL", "c1"))
+        got = await svc.add(req("ADD", "c4", runtimeConfig={"ips": ["10.0.1.9"]}))
+        assert got["ips"][0]["address"] == "10.0.1.9/32"
+        # the same key asking again for another address moves to it
+        got = await svc.add(req("ADD", "c4", runtimeConfig={"ips": ["10.0.1.10"]}))
+        assert got["ips"][0]["address"] == "10.0.1.10/32"
+        assert svc.pool.holder(IPv4Address("10.0.1.9")) is None and svc.pool.assigned == 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_the_nodes_own_netns_is_refused_and_nothing_touched(paths: Path) -> None:
+    svc, dp = service(paths)
+    dp.netns.add("/proc/self/ns/net")
+    dp.node_netns.add("/proc/self/ns/net")
+    await svc.restore(Snapshot())
+    with pytest.raises(CniError) as e:
+        await svc.add(req("ADD", "c1", netns="/proc/self/ns/net"))
+    assert e.value.code == 4 and "node's own" in e.value.msg
+    assert dp.calls == [] and svc.pool.assigned == 0 and svc.pool.cooling == 0
+    assert svc.allocations == {} and svc.checkpoint.writes == 1  # restore's, nothing more

@@ -150,3 +150,64 @@ def test_render_error_and_prev_result() -> None:
     }
     assert prev_result_ip(render_add_result("1.0.0", OUT, None)) == IPv4Address("10.0.1.5")
     assert prev_result_ip({"ips": [{"address": "junk"}]}) is None
+
+
+def test_a_missing_network_name_says_so() -> None:
+    with pytest.raises(CniError) as e:
+        validate(env(), {"cniVersion": "1.0.0"})
+    assert (e.value.code, e.value.msg) == (7, "missing network name")
+    assert "None" not in e.value.details
+
+
+@pytest.mark.parametrize(
+    ("prev", "path"),
+    [
+        ({"ips": 5}, "expected a list @ $.prevResult.ips"),
+        ({"ips": [5]}, "expected an object @ $.prevResult.ips[0]"),
+        ({"ips": [{"address": 5}]}, "expected a string @ $.prevResult.ips[0].address"),
+        ({"interfaces": [{"name": "a", "mtu": "x"}]}, "@ $.prevResult.interfaces[0].mtu"),
+        ({"routes": {}}, "expected a list @ $.prevResult.routes"),
+        ({"dns": []}, "expected an object @ $.prevResult.dns"),
+        ({"cniVersion": 1}, "@ $.prevResult.cniVersion"),
+    ],
+)
+def test_a_malformed_prev_result_is_a_decode_error_with_its_path(
+    prev: dict[str, Any], path: str
+) -> None:
+    with pytest.raises(CniError) as e:
+        validate(env(COMMAND="CHECK"), {**CONF, "prevResult": prev})
+    assert e.value.code == 6 and path in e.value.details
+    # DEL and GC do not read it: a runtime's odd cache never blocks a teardown
+    assert validate(env(COMMAND="DEL"), {**CONF, "prevResult": prev}).command == "DEL"
+
+
+def test_requested_address_from_each_place() -> None:
+    assert validate(env(), CONF).requested_ip is None
+    assert validate(env(ARGS="IgnoreUnknown=1;IP=10.0.1.7"), CONF).requested_ip == IPv4Address(
+        "10.0.1.7"
+    )
+    runtime = {**CONF, "runtimeConfig": {"ips": ["10.0.1.8/24"]}}
+    assert validate(env(), runtime).requested_ip == IPv4Address("10.0.1.8")
+    conv = {**CONF, "args": {"cni": {"ips": ["10.0.1.9"]}}}
+    assert validate(env(), conv).requested_ip == IPv4Address("10.0.1.9")
+    both = {**CONF, "runtimeConfig": {"ips": ["10.0.1.8/16"]}}
+    assert validate(env(ARGS="IP=10.0.1.8"), both).requested_ip == IPv4Address("10.0.1.8")
+    # only ADD asks for an address
+    assert validate(env(COMMAND="DEL", ARGS="IP=junk"), CONF).requested_ip is None
+
+
+@pytest.mark.parametrize(
+    ("args", "conf", "code", "text"),
+    [
+        ("IP=10.0.1.300", {}, 4, "invalid address in CNI_ARGS IP"),
+        ("", {"runtimeConfig": {"ips": ["x"]}}, 7, "invalid address in runtimeConfig.ips"),
+        ("", {"runtimeConfig": {"ips": "10.0.1.8"}}, 7, "invalid runtimeConfig.ips"),
+        ("IP=fd00::5", {}, 2, "IPv4 only"),
+        ("IP=10.0.1.5,10.0.1.6", {}, 2, "one IPv4 address"),
+        ("IP=10.0.1.5", {"runtimeConfig": {"ips": ["10.0.1.6/24"]}}, 7, "conflicting"),
+    ],
+)
+def test_requested_address_errors(args: str, conf: dict[str, Any], code: int, text: str) -> None:
+    with pytest.raises(CniError) as e:
+        validate(env(ARGS=args), {**CONF, **conf})
+    assert e.value.code == code and text in f"{e.value.msg} {e.value.details}"

@@ -88,3 +88,20 @@ def test_remove_free_never_removes_assigned() -> None:
     assert pool.drop_owner_if_empty("eni-1") and pool.total == 0
     with pytest.raises(PoolExhausted, match="holds no addresses"):
         pool.assign(key(2), 0.0)
+
+
+def test_assign_requested_takes_free_or_cooling_and_refuses_the_rest() -> None:
+    pool = IpPool(cooldown=30.0)
+    ips = [IPv4Address(f"10.0.0.{i}") for i in range(1, 5)]
+    pool.add_block("b", ips)
+    a, b = key(1), key(2)
+    assert pool.assign_requested(ips[2], a, 0.0).ip == ips[2]  # not the FIFO's first
+    assert pool.assign_requested(ips[2], a, 0.0).ip == ips[2]  # same key: fine
+    with pytest.raises(AddressTaken):
+        pool.assign_requested(ips[2], b, 0.0)
+    pool.release(ips[2], 1.0)
+    assert pool.assign_requested(ips[2], b, 2.0).ip == ips[2]  # cooling: skips the cooldown
+    assert pool.cooling == 0 and pool.holder(ips[2]) == b
+    with pytest.raises(AddressUnknown):
+        pool.assign_requested(IPv4Address("10.9.9.9"), a, 2.0)
+    assert [pool.assign(a, 3.0).ip for _ in range(3)] == [ips[0], ips[1], ips[3]]
