@@ -45,6 +45,11 @@ class AgentSection:
     ip_forward: bool = True
     repair: bool = True  # put back a pod's host route, rules or veth state someone removed
     add_wait: float = 2.0  # how long an ADD waits for the pool to grow before code 11
+    # The socket: connections beyond max_connections close the longest-idle one (or are refused
+    # when all are busy); idle ones close after idle_timeout, slow ones after read_timeout.
+    max_connections: int = 512
+    idle_timeout: float = 30.0
+    read_timeout: float = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
 
@@ -344,6 +349,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError("agent.request_timeout", "must be positive")
     if a.mtu and not 576 <= a.mtu <= 65535:
         raise ConfigError("agent.mtu", f"{a.mtu} is outside 576..65535")
+    if a.max_connections < 1:
+        raise ConfigError("agent.max_connections", "must be at least 1")
+    for name in ("idle_timeout", "read_timeout"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"agent.{name}", "must be positive")
     if a.add_wait < 0 or a.add_wait >= a.request_timeout:
         raise ConfigError("agent.add_wait", "must be at least 0 and below agent.request_timeout")
     if not a.socket.startswith("/"):

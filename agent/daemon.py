@@ -13,6 +13,7 @@ keep working while the agent restarts).
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -53,7 +54,7 @@ from cloud.provider import NodeFacts, Provider
 from cloud.static import StaticProvider
 from netlink.veth import Datapath
 from netlink.watcher import Watcher
-from rpc.server import ServerStats, serve
+from rpc.server import Limits, ServerStats, serve
 
 log = logging.getLogger("podwire.agent")
 
@@ -167,6 +168,23 @@ async def _restore_until_reachable(
         return provider, cni, dropped
 
 
+# Descriptors kept for everything but client connections (netlink, checkpoint, threads).
+FD_RESERVE = 256
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (at most 2**20); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the descriptor limit", extra={"error": str(e)})
+    return soft
+
+
 def enable_forwarding() -> None:
     """The node routes pod traffic: forwarding on, in the namespace the agent runs in."""
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
@@ -238,6 +256,12 @@ async def run(
     cfg: Config, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the agent until cancelled or signalled."""
+    nofile = raise_nofile_limit()
+    limits = Limits(
+        max_connections=min(cfg.agent.max_connections, max(16, nofile - FD_RESERVE)),
+        idle_timeout=cfg.agent.idle_timeout,
+        read_timeout=cfg.agent.read_timeout,
+    )
     Path(cfg.agent.state_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
     for tmp in ckpt.remove_stale_temps(cfg.state_path):
         log.info("removed a stale checkpoint temp file", extra={"file": str(tmp)})
@@ -353,6 +377,7 @@ async def run(
                     deadline=cfg.agent.request_timeout,
                     socket_gid=_group_id(cfg.agent.socket_group),
                     stats=stats,
+                    limits=limits,
                 ),
             )
             if cfg.cni.install:

@@ -81,7 +81,15 @@ class RpcCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
 
-    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+    def _families(
+        self,
+    ) -> tuple[
+        GaugeMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
+        CounterMetricFamily,
+    ]:
         return (
             GaugeMetricFamily(
                 f"{PREFIX}rpc_connections_active", "Open connections to the agent socket."
@@ -90,14 +98,28 @@ class RpcCollector(Collector):
                 f"{PREFIX}rpc_connections", "Connections accepted on the agent socket."
             ),
             CounterMetricFamily(f"{PREFIX}rpc_requests", "Requests received on the agent socket."),
+            CounterMetricFamily(
+                f"{PREFIX}rpc_connections_closed",
+                "Connections the agent closed or refused to protect itself, by reason.",
+                labels=("reason",),
+            ),
+            CounterMetricFamily(
+                f"{PREFIX}rpc_accept_errors",
+                "accept() failures for want of descriptors or memory (the agent backs off).",
+            ),
         )
 
     def collect(self) -> Iterator[Metric]:
-        active, connections, requests = self._families()
-        active.add_metric((), self.stats.connections_active)
-        connections.add_metric((), self.stats.connections_total)
-        requests.add_metric((), self.stats.requests_total)
-        yield from (active, connections, requests)
+        active, connections, requests, closed, accept_errors = self._families()
+        s = self.stats
+        active.add_metric((), s.connections_active)
+        connections.add_metric((), s.connections_total)
+        requests.add_metric((), s.requests_total)
+        closed.add_metric(("refused",), s.connections_refused)
+        closed.add_metric(("evicted",), s.connections_evicted)
+        closed.add_metric(("timed_out",), s.connections_timed_out)
+        accept_errors.add_metric((), s.accept_errors)
+        yield from (active, connections, requests, closed, accept_errors)
 
 
 class HealthCollector(Collector):

@@ -23,6 +23,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -180,6 +181,48 @@ def rss_at(node: Node, plugin: Plugin, pods: int) -> int:
         store.close()
 
 
+def active_connections(node: Node) -> int:
+    for line in node.call("agent.metrics").splitlines():
+        if line.startswith("podwire_rpc_connections_active "):
+            return int(float(line.split()[1])) - 1  # not counting this call's own
+    raise RuntimeError("no podwire_rpc_connections_active")
+
+
+def idle_connections(node: Node, plugin: Plugin, count: int, pods: int) -> dict[str, float]:
+    """ADD p50 with ``count`` idle connections held open on the agent's socket, against none,
+    in alternating sets of ``pods`` (issue 15 item 5: a local client must not slow the plugin).
+    """
+    plain: list[float] = []
+    loaded: list[float] = []
+    store = Pods()
+    try:
+        for _ in range(2):
+            for sample, hold in ((plain, 0), (loaded, count)):
+                held = []
+                try:
+                    for _ in range(hold):
+                        s = socket.socket(socket.AF_UNIX)
+                        s.connect(node.socket)
+                        held.append(s)
+                    while hold and active_connections(node) < hold:  # all accepted: idle
+                        time.sleep(0.05)
+                    batch = store.fresh(pods)
+                    sample += [plugin.run("ADD", p) for p in batch]
+                    for p in batch:
+                        plugin.run("DEL", p)
+                finally:
+                    for s in held:
+                        s.close()
+                store.close()
+    finally:
+        store.close()
+    return {
+        "connections": count,
+        "add_p50_ms": statistics.median(loaded),
+        "add_p50_ms_without": statistics.median(plain),
+    }
+
+
 def busy_fraction(sample: Callable[[], list[int]], before: list[int]) -> float:
     after = sample()
     delta = [a - b for a, b in zip(after, before, strict=True)]
@@ -223,6 +266,12 @@ def table(results: dict[str, Any], pods: int) -> str:
         lines.append(f"{name:<30}{tmp[key]:>9.2f}{ext[key]:>9.2f}")
     rss = f"agent RSS at {results['rss_pods']} pods (MiB)"
     lines.append(f"{rss:<30}{results['agent_rss_mib']:>9.1f}{'':>26}   <= 60 MiB")
+    idle = results["idle_connections"]
+    lines.append(
+        f"ADD p50 (tmpfs agent) with {idle['connections']} idle connections open: "
+        f"{idle['add_p50_ms']:.1f} ms, without: {idle['add_p50_ms_without']:.1f} ms "
+        f"({idle['add_p50_ms'] / idle['add_p50_ms_without']:.2f}x)"
+    )
     return "\n".join(lines)
 
 
@@ -280,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(measure(plugins, args.pods, args.rounds))
         results["agent_rss_mib"] = rss_at(nodes["podwire-tmpfs"], plugins[0], args.rss_pods) / 1024
         results["rss_pods"] = args.rss_pods
+        results["idle_connections"] = idle_connections(nodes["podwire-tmpfs"], plugins[0], 500, 25)
     finally:
         for node in nodes.values():
             node.close()

@@ -68,6 +68,11 @@ class LineDecoder:
         state = "broken" if self._broken else f"{len(self._buffer)} bytes buffered"
         return f"<LineDecoder {state}, max_size={self._max_size}>"
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete line held (0 once broken)."""
+        return len(self._buffer)
+
     def feed(self, data: bytes) -> None:
         """Append bytes received from the peer. Returns nothing; never raises."""
         if not self._broken:

@@ -1,11 +1,17 @@
 """The agent's side of the wire: a Unix socket server that answers JSON-lines requests.
 
-Theory of operation: ``serve`` owns the socket file and a task per connection. A connection is
-a loop over ``LineDecoder``: each complete request goes to ``dispatch``, which checks access,
-calls the handler under the deadline and writes the reply; one connection's requests are
-answered in order, connections run concurrently. ``dispatch`` maps every failure to an error
-reply, so one bad request never ends the server, and writes through a ``send`` callable so it
-can be tested without sockets. Cancellation is never caught.
+Theory of operation: ``serve`` owns the socket file, an accept loop and a task per connection.
+A connection is a loop over ``LineDecoder``: each complete request goes to ``dispatch``, which
+checks access, calls the handler under the deadline and writes the reply; one connection's
+requests are answered in order, connections run concurrently. ``dispatch`` maps every failure
+to an error reply, so one bad request never ends the server, and writes through a ``send``
+callable so it can be tested without sockets. Cancellation is never caught.
+
+No local client can bring the server down (``Limits``): an ``accept`` that fails for want of
+descriptors or memory backs off and retries, so the server keeps serving once they free up; at
+``max_connections`` a new connection closes the longest-idle one, and is refused with an error
+line only when every connection is busy; a connection idle for ``idle_timeout`` is closed, and
+one that takes longer than ``read_timeout`` to send a request line (or to take a reply) too.
 
 A handler may return an async iterator instead of a value: the method streams. Each item is
 sent as ``{"id":N,"event":...}`` and the stream ends with ``{"id":N,"result":null}`` (or an error
@@ -14,6 +20,7 @@ reply). The deadline covers the handler call, not the stream, which may follow e
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -28,6 +35,7 @@ import anyio.abc
 import attrs
 
 from rpc.errors import (
+    CODE_DECODE,
     CODE_INTERNAL,
     CODE_PERMISSION_DENIED,
     CODE_TRY_AGAIN,
@@ -41,7 +49,7 @@ from rpc.errors import (
 from rpc.framing import NEED_DATA, LineDecoder, encode_error, encode_event, encode_result
 from rpc.messages import Peer, Request, structure, unstructure
 
-__all__ = ["Access", "Handler", "Send", "ServerStats", "dispatch", "serve"]
+__all__ = ["Access", "Handler", "Limits", "Send", "ServerStats", "dispatch", "serve"]
 
 logger = logging.getLogger("podwire.rpc")
 
@@ -64,6 +72,48 @@ class ServerStats:
     connections_total: int = 0
     connections_active: int = 0
     requests_total: int = 0
+    connections_refused: int = 0  # every connection was busy at the limit
+    connections_evicted: int = 0  # idle, closed to admit a new one at the limit
+    connections_timed_out: int = 0  # idle too long, or too slow to send a request
+    accept_errors: int = 0  # accept failed for want of descriptors or memory
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """What one local client may hold of the server (see the module docstring)."""
+
+    max_connections: int = 512
+    idle_timeout: float = 30.0
+    read_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_connections < 1 or self.idle_timeout <= 0 or self.read_timeout <= 0:
+            raise ValueError(f"invalid limits: {self}")
+
+
+# accept(2) errors that mean "not now": out of descriptors or memory. Anything else is fatal.
+_ACCEPT_TRANSIENT = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
+_ACCEPT_BACKOFF_MAX = 1.0
+
+
+@attrs.define(eq=False)
+class _Client:
+    """One accepted connection, as the admission policy sees it."""
+
+    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    busy: bool = False  # a request is being answered, or part of one received
+    since: float = 0.0  # when it last became idle
+
+
+def choose_eviction(clients: list[_Client], limit: int) -> _Client | bool:
+    """Admission at the connection limit: True to admit, the longest-idle client to close to
+    make room, or False to refuse (every client busy)."""
+    if len(clients) < limit:
+        return True
+    idle = [c for c in clients if not c.busy]
+    return min(idle, key=lambda c: c.since) if idle else False
 
 
 @attrs.frozen(kw_only=True)
@@ -94,6 +144,7 @@ async def serve(
     socket_mode: int = 0o660,
     socket_gid: int | None = None,
     stats: ServerStats | None = None,
+    limits: Limits = Limits(),
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve requests on the Unix socket ``path`` until cancelled; never returns otherwise.
@@ -106,25 +157,88 @@ async def serve(
     access = Access(mutating=mutating, admin_uids=admin_uids, admin_gids=admin_gids)
     stats = stats if stats is not None else ServerStats()
     _claim(path)
-    listener = await anyio.create_unix_listener(path, mode=socket_mode)
+    listener = _listen(path, socket_mode)
     st = os.stat(path)
     ours = (st.st_dev, st.st_ino)
+    clients: list[_Client] = []
     try:
-        async with listener:
-            if socket_gid is not None:
-                os.chown(path, -1, socket_gid)
+        if socket_gid is not None:
+            os.chown(path, -1, socket_gid)
+        async with anyio.create_task_group() as tg:
             task_status.started()
-            await listener.serve(
-                partial(
-                    _serve_connection,
-                    handler=handler,
-                    access=access,
-                    deadline=deadline,
-                    stats=stats,
+            backoff = 0.0
+            while True:
+                await anyio.wait_readable(listener)
+                try:
+                    sock, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    if e.errno not in _ACCEPT_TRANSIENT:
+                        raise
+                    stats.accept_errors += 1
+                    if backoff == 0.0:
+                        logger.error("cannot accept connections: %s; backing off", e.strerror)
+                    backoff = min(_ACCEPT_BACKOFF_MAX, max(0.01, backoff * 2))
+                    await anyio.sleep(backoff)
+                    continue
+                if backoff:
+                    logger.info("accepting connections again")
+                    backoff = 0.0
+                verdict = choose_eviction(clients, limits.max_connections)
+                if verdict is False:
+                    stats.connections_refused += 1
+                    _refuse(sock, len(clients))
+                    continue
+                if isinstance(verdict, _Client):
+                    stats.connections_evicted += 1
+                    verdict.scope.cancel()
+                    clients.remove(verdict)
+                client = _Client(since=anyio.current_time())
+                clients.append(client)
+                tg.start_soon(
+                    partial(
+                        _serve_connection,
+                        sock,
+                        client,
+                        clients,
+                        handler=handler,
+                        access=access,
+                        deadline=deadline,
+                        stats=stats,
+                        limits=limits,
+                    )
                 )
-            )
     finally:
+        listener.close()
         _release(path, ours)
+
+
+def _listen(path: str, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _refuse(sock: socket.socket, busy: int) -> None:
+    """Tell a client it cannot be served now (the plugin answers the runtime code 11)."""
+    line = encode_error(
+        None, CODE_TRY_AGAIN, "too many connections", f"all {busy} connections are busy"
+    )
+    try:
+        sock.setblocking(False)
+        sock.send(line)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 async def dispatch(
@@ -207,44 +321,88 @@ def _error_reply(id: int, method: str, exc: Exception) -> bytes:
 
 
 async def _serve_connection(
-    stream: anyio.abc.SocketStream,
+    sock: socket.socket,
+    client: _Client,
+    clients: list[_Client],
     *,
     handler: Handler,
     access: Access,
     deadline: float,
     stats: ServerStats,
+    limits: Limits,
 ) -> None:
     stats.connections_total += 1
     stats.connections_active += 1
     try:
-        async with stream:
-            peer = _peer_of(stream)
-            decoder = LineDecoder()
-            while True:
-                try:
-                    message = decoder.next_message()
-                except FrameTooLarge as e:
-                    await stream.send(encode_error(None, e.code, e.msg, e.details))
-                    return
-                except FrameDecodeError as e:
-                    await stream.send(encode_error(None, e.code, e.msg, e.details))
-                    continue
-                if message is NEED_DATA:
-                    try:
-                        decoder.feed(await stream.receive())
-                    except anyio.EndOfStream:
-                        return
-                    continue
-                stats.requests_total += 1
-                await dispatch(
-                    message, handler, peer, stream.send, access=access, deadline=deadline
-                )
+        with client.scope:
+            stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+            async with stream:
+                await _converse(stream, client, handler, access, deadline, stats, limits)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass  # the client went away mid-request; there is nobody to answer
     except Exception:
         logger.exception("connection failed")
     finally:
         stats.connections_active -= 1
+        if client in clients:
+            clients.remove(client)
+
+
+async def _converse(
+    stream: anyio.abc.SocketStream,
+    client: _Client,
+    handler: Handler,
+    access: Access,
+    deadline: float,
+    stats: ServerStats,
+    limits: Limits,
+) -> None:
+    async def send(data: bytes) -> None:
+        # A client that does not take its reply is as slow as one that does not send.
+        with anyio.fail_after(limits.read_timeout):
+            await stream.send(data)
+
+    peer = _peer_of(stream)
+    decoder = LineDecoder()
+    started: float | None = None  # when the first byte of an incomplete line arrived
+    try:
+        while True:
+            try:
+                message = decoder.next_message()
+            except FrameTooLarge as e:
+                await send(encode_error(None, e.code, e.msg, e.details))
+                return
+            except FrameDecodeError as e:
+                await send(encode_error(None, e.code, e.msg, e.details))
+                continue
+            if message is NEED_DATA:
+                now = anyio.current_time()
+                if decoder.buffered:
+                    started = now if started is None else started
+                    client.busy = True
+                    wait = started + limits.read_timeout - now
+                else:
+                    started = None
+                    if client.busy:
+                        client.busy, client.since = False, now
+                    wait = client.since + limits.idle_timeout - now
+                with anyio.move_on_after(wait):
+                    try:
+                        decoder.feed(await stream.receive())
+                    except anyio.EndOfStream:
+                        return
+                    continue
+                stats.connections_timed_out += 1
+                if decoder.buffered:
+                    details = f"a request line must arrive within {limits.read_timeout:g} s"
+                    await send(encode_error(None, CODE_DECODE, "request too slow", details))
+                return
+            started = None
+            client.busy = True
+            stats.requests_total += 1
+            await dispatch(message, handler, peer, send, access=access, deadline=deadline)
+    except TimeoutError:
+        stats.connections_timed_out += 1  # the client did not take its reply
 
 
 def _peer_of(stream: anyio.abc.SocketStream) -> Peer:

@@ -66,13 +66,15 @@ class Node:
         gce: dict[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         state_tmpfs: bool = False,
+        agent_prefix: tuple[str, ...] = (),
     ) -> None:
         """A node in a namespace of its own, or in ``netns`` made by someone else (the
         emulator's nodes, which already have an uplink with ``primary_ip``).
 
         ``state_tmpfs`` puts the agent's state directory on a tmpfs mounted in the agent's
         private mount namespace (``ip netns exec`` gives it one), as /run is on a systemd
-        host; the state is then lost when the agent stops (benchmarks only)."""
+        host; the state is then lost when the agent stops (benchmarks only). ``agent_prefix``
+        runs the agent under a command such as ``prlimit --nofile=256:256 --``."""
         self.dir = Path(tempfile.mkdtemp(prefix="podwire-"))
         self.primary_ip = primary_ip
         if netns is not None:
@@ -138,6 +140,7 @@ class Node:
         self.conflist = json.loads((self.conf_dir / "10-podwire.conflist").read_text())
         self.env = {**os.environ, **(env or {})}
         self.state_tmpfs = state_tmpfs
+        self.agent_prefix = agent_prefix
         self.proc: subprocess.Popen[bytes] | None = None
         self.pods: list[Netns] = []
 
@@ -147,7 +150,13 @@ class Node:
         """Start the agent in the node namespace and (unless ``wait`` is false) wait until it
         serves the socket."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        cmd = [str(VENV_BIN / "podwire-agent"), "run", "--config", str(self.config_path)]
+        cmd = [
+            *self.agent_prefix,
+            str(VENV_BIN / "podwire-agent"),
+            "run",
+            "--config",
+            str(self.config_path),
+        ]
         if self.state_tmpfs:
             mount = 'mkdir -p "$0" && mount -t tmpfs -o size=64m pw-state "$0" && exec "$@"'
             cmd = ["sh", "-c", mount, str(self.dir / "state"), *cmd]

@@ -73,6 +73,8 @@ def test_names_labels_and_types_follow_the_conventions() -> None:
         "podwire_rpc_connections_active": "gauge",
         "podwire_rpc_connections": "counter",
         "podwire_rpc_requests": "counter",
+        "podwire_rpc_connections_closed": "counter",
+        "podwire_rpc_accept_errors": "counter",
         "podwire_allocations": "gauge",
         "podwire_service_alive": "gauge",
         "podwire_ready_condition": "gauge",

@@ -3,10 +3,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -33,7 +36,7 @@ from rpc.errors import (
 )
 from rpc.framing import NEED_DATA, LineDecoder, encode, encode_error, encode_result
 from rpc.messages import Peer
-from rpc.server import Access, ServerStats, dispatch, serve
+from rpc.server import Access, Limits, ServerStats, dispatch, serve
 
 MUTATING = frozenset({"agent.gc"})
 
@@ -76,6 +79,9 @@ class Api:
                 return self.count(params["n"], params.get("fail_at"))
             case _:
                 raise RpcError(CODE_UNKNOWN_METHOD, "unknown method", method)
+
+    async def release_all(self) -> None:
+        self.released.set()
 
     async def count(self, n: int, fail_at: int | None) -> AsyncIterator[Pod]:
         for i in range(n):
@@ -495,3 +501,128 @@ async def test_deadline_through_the_socket(
             assert reply is not None
             assert reply["error"]["code"] == CODE_TRY_AGAIN
         nursery.cancel_scope.cancel()
+
+
+# -- no local client can bring the server down --------------------------------------------
+
+
+async def closed(conn: Conn) -> bool:
+    """Whether the server closed the connection (a reset, when it left our bytes unread)."""
+    try:
+        return await conn.reply() is None
+    except anyio.BrokenResourceError:
+        return True
+
+
+@pytest.mark.trio
+async def test_an_idle_connection_is_closed_at_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    sock = tmp_path / "a.sock"
+    limits = Limits(idle_timeout=30.0, read_timeout=10.0)
+    async with running(sock, Api(), limits=limits) as stats:
+        async with connect(sock) as conn:
+            assert (await conn.call(1, "echo", a=1)) is not None  # idle from here
+            start = trio.current_time()
+            assert await conn.reply() is None  # closed, with nothing said
+            assert trio.current_time() - start == 30.0
+        assert stats.connections_timed_out == 1
+
+
+@pytest.mark.trio
+async def test_a_client_sending_a_byte_a_second_is_cut_off_at_the_read_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    sock = tmp_path / "a.sock"
+    async with running(sock, Api(), limits=Limits(read_timeout=10.0)) as stats:
+        async with connect(sock) as conn:
+            start = trio.current_time()
+            line = encode({"id": 1, "method": "echo", "params": {}})
+            reply = None
+            for byte in line:
+                try:
+                    await conn.send(bytes([byte]))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    break
+                await trio.sleep(1.0)
+                if trio.current_time() - start > 10.0:
+                    reply = await conn.reply()
+                    break
+            assert reply is not None and reply["error"]["msg"] == "request too slow"
+            assert await closed(conn)
+        assert stats.connections_timed_out == 1 and stats.requests_total == 0
+
+
+@pytest.mark.anyio
+async def test_at_the_limit_the_longest_idle_connection_makes_room(tmp_path: Path) -> None:
+    sock = tmp_path / "a.sock"
+    api = Api()
+    async with running(sock, api, limits=Limits(max_connections=3)) as stats:
+        async with connect(sock) as first, connect(sock) as second, connect(sock) as third:
+            for conn in (first, second, third):
+                assert await conn.call(1, "echo") is not None
+            async with connect(sock) as fourth:  # admitted: the longest idle goes
+                assert await fourth.call(1, "echo", x=4) == {"id": 1, "result": {"x": 4}}
+                assert await first.reply() is None
+                assert await second.call(2, "echo") is not None
+                # all three busy now: the next is refused, clearly, and nothing breaks
+                for conn in (second, third, fourth):
+                    await conn.send({"id": 9, "method": "wait", "params": {}})
+                await anyio.wait_all_tasks_blocked()
+                async with connect(sock) as fifth:
+                    refused = await fifth.reply()
+                    assert refused is not None and refused["error"]["code"] == CODE_TRY_AGAIN
+                    assert refused["error"]["msg"] == "too many connections"
+                await api.release_all()
+                for conn in (second, third, fourth):
+                    assert await conn.reply() == {"id": 9, "result": "released"}
+        assert stats.connections_evicted == 1 and stats.connections_refused == 1
+
+
+SERVER = """
+import resource, sys, anyio
+from functools import partial
+from rpc.server import serve, Limits
+
+async def echo(method, params, peer):
+    return params
+
+async def main():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    await serve(sys.argv[1], echo, mutating=frozenset(), limits=Limits(max_connections=1000))
+
+anyio.run(main)
+"""
+
+
+def test_the_server_survives_descriptor_exhaustion_and_serves_again(tmp_path: Path) -> None:
+    sock = tmp_path / "a.sock"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(sock)], cwd=root, stderr=subprocess.PIPE
+    )
+    clients: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(100):  # twice what the server may hold
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            clients.append(c)
+        probe = clients[-1]  # queued in the backlog while the server has no descriptor
+        probe.settimeout(30)
+        probe.sendall(b'{"id":1,"method":"echo","params":{"n":1}}\n')
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        assert ready and b"cannot accept connections" in proc.stderr.readline()
+        for c in clients[:-1]:
+            c.close()
+        assert probe.recv(4096) == b'{"id":1,"result":{"n":1}}\n'
+        assert proc.poll() is None
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.communicate(timeout=30)
