@@ -186,6 +186,7 @@ class AgentApi:
     def status(self) -> dict[str, Any]:
         pool = self.cni.pool
         now = self.cni.clock()
+        available = pool.available(now)  # first: it moves addresses whose cooldown ended
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -197,7 +198,7 @@ class AgentApi:
                 "total": pool.total,
                 "assigned": pool.assigned,
                 "cooling": pool.cooling,
-                "available": pool.available(now),
+                "available": available,
                 "cooldown_s": pool.cooldown,
                 "withdrawn_in_use": len(pool.withdrawn_in_use()),
             },

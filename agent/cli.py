@@ -7,6 +7,13 @@ import sys
 from pathlib import Path
 
 from agent import config as config_mod
+from agent.install import (
+    CAPABILITY_PLUGINS,
+    CNI_VERSION,
+    CNI_VERSIONS,
+    DEFAULT_CAPABILITIES,
+    NETWORK_NAME,
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -21,8 +28,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"podwire-agent: {e}", file=sys.stderr)
         return 2
     logs.setup(cfg.agent.log_level, cfg.agent.log_format)
+    from agent.install import InstallError
+
     try:
         anyio.run(daemon.run, cfg, backend="asyncio")
+    except InstallError as e:
+        print(f"podwire-agent: invalid setting cni.{e.setting}: {e.reason}", file=sys.stderr)
+        return 2
     except CheckpointCorrupt as e:
         print(f"podwire-agent: {e}", file=sys.stderr)
         return 3
@@ -32,16 +44,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from agent.install import install
+    from agent.install import InstallError, install
 
-    changed = install(
-        bin_dir=args.bin_dir,
-        conf_dir=args.conf_dir,
-        socket=args.socket,
-        spool_dir=args.spool_dir,
-        mtu=args.mtu,
-        chain=[c for c in args.chain.split(",") if c],
-    )
+    try:
+        changed = install(
+            bin_dir=args.bin_dir,
+            conf_dir=args.conf_dir,
+            socket=args.socket,
+            spool_dir=args.spool_dir,
+            mtu=args.mtu,
+            chain=[c for c in args.chain.split(",") if c],
+            name=args.name,
+            cni_version=args.cni_version,
+            capabilities=[c for c in args.capabilities.split(",") if c],
+        )
+    except InstallError as e:
+        print(f"podwire-agent install-cni: {e}", file=sys.stderr)
+        return 2
     for path in changed:
         print(f"installed {path}")
     if not changed:
@@ -53,11 +72,12 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     from agent.install import uninstall
     from agent.snat.service import remove_all
 
-    for path in uninstall(bin_dir=args.bin_dir, conf_dir=args.conf_dir):
-        print(f"removed {path}")
+    removed = [
+        f"removed {path}" for path in uninstall(bin_dir=args.bin_dir, conf_dir=args.conf_dir)
+    ]
     # the SNAT state goes only on this explicit request, never when the agent stops
-    for backend in remove_all():
-        print(f"removed SNAT state ({backend})")
+    removed += [f"removed SNAT state ({backend})" for backend in remove_all()]
+    print("\n".join(removed) if removed else "nothing to remove")
     return 0
 
 
@@ -86,6 +106,21 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--mtu", type=int, default=None)
             s.add_argument(
                 "--chain", default="", help="plugins to chain after podwire, e.g. portmap,bandwidth"
+            )
+            s.add_argument("--name", default=NETWORK_NAME, help="the network name")
+            s.add_argument(
+                "--cni-version",
+                default=CNI_VERSION,
+                choices=CNI_VERSIONS,
+                help="the conflist's cniVersion (containerd 1.6 needs 1.0.0)",
+            )
+            s.add_argument(
+                "--capabilities",
+                default=",".join(DEFAULT_CAPABILITIES),
+                help="capabilities to declare, of "
+                + ", ".join(CAPABILITY_PLUGINS)
+                + " (portMappings and bandwidth need portmap and bandwidth in --chain,"
+                " which declare them anyway); '' for none",
             )
     return p
 

@@ -87,6 +87,11 @@ class CniSection:
     bin_dir: str = "/opt/cni/bin"
     conf_dir: str = "/etc/cni/net.d"
     chain: tuple[str, ...] = ()  # plugins chained after podwire, e.g. ["portmap", "bandwidth"]
+    # The conflist: its network name and version (containerd 1.6 needs 1.0.0) and the
+    # capabilities podwire declares (a chained portmap or bandwidth declares its own).
+    network_name: str = "podwire"
+    cni_version: Literal["0.4.0", "1.0.0", "1.1.0"] = "1.0.0"
+    capabilities: tuple[str, ...] = ("io.kubernetes.cri.pod-annotations", "ips")
 
 
 @attrs.frozen(kw_only=True)
@@ -404,6 +409,21 @@ def _check_cni(c: CniSection) -> None:
     for name in c.chain:
         if not _PLUGIN_NAME.match(name):
             raise ConfigError("cni.chain", f"{name!r} is not a plugin name")
+    from agent.install import InstallError, conflist
+
+    try:
+        conflist(
+            socket="/",
+            spool_dir="/",
+            mtu=None,
+            chain=c.chain,
+            name=c.network_name,
+            cni_version=c.cni_version,
+            capabilities=c.capabilities,
+        )
+    except InstallError as e:
+        names = {"network name": "cni.network_name", "cniVersion": "cni.cni_version"}
+        raise ConfigError(names.get(e.setting, f"cni.{e.setting}"), e.reason) from None
 
 
 def effective(cfg: Config) -> list[tuple[str, Any, str]]:

@@ -256,6 +256,8 @@ async def run(
     cfg: Config, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the agent until cancelled or signalled."""
+    if cfg.cni.install:
+        install.check_chain(Path(cfg.cni.bin_dir), cfg.cni.chain)  # before serving anything
     nofile = raise_nofile_limit()
     limits = Limits(
         max_connections=min(cfg.agent.max_connections, max(16, nofile - FD_RESERVE)),
@@ -335,7 +337,7 @@ async def run(
             if cfg.snat.enabled and (provider.facts().vpc_cidrs or cfg.snat.vpc_cidrs):
                 await tg.start(health.run, "snat", snat.serve)
             else:
-                log.warning("SNAT off: enable it and give snat.vpc_cidrs (static provider)")
+                log.warning(snat_off_reason(cfg))
             g = cfg.gc
             gc = GcService(
                 cni,
@@ -391,6 +393,9 @@ async def run(
                         socket=cfg.agent.socket,
                         spool_dir=cfg.agent.spool_dir,
                         chain=list(cfg.cni.chain),
+                        name=cfg.cni.network_name,
+                        cni_version=cfg.cni.cni_version,
+                        capabilities=cfg.cni.capabilities,
                     ),
                 )
             log.info(
@@ -418,6 +423,16 @@ def ip_masq_facts_of(provider: Provider, cfg: Config) -> NodeFacts:
         non_masquerade_cidrs=cfg.gce.nonMasqueradeCIDRs, masq_link_local=cfg.gce.masqLinkLocal
     )
     return ip_masq_facts(provider.facts(), policy)
+
+
+def snat_off_reason(cfg: Config) -> str:
+    """Why SNAT is not running, in words that say what to change."""
+    if not cfg.snat.enabled:
+        return "SNAT off: snat.enabled is false"
+    return (
+        "SNAT off: no VPC CIDRs known; give snat.vpc_cidrs (the destinations pods reach without"
+        " NAT) to enable it"
+    )
 
 
 def _group_id(name: str) -> int | None:

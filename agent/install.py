@@ -9,7 +9,9 @@ scanning the directories never reads half a file. Both steps are idempotent.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,30 @@ import orjson
 PLUGIN_NAME = "podwire"
 CONFLIST_NAME = "10-podwire.conflist"
 NETWORK_NAME = "podwire"
+# containerd 1.6 sends no VERSION and uses the conflist's version as is; it cannot read a
+# 1.1.0 result (REFERENCE.md), so 1.0.0 is what every runtime here speaks.
+CNI_VERSION = "1.0.0"
+CNI_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
+# Which plugin of the conflist declares each capability the runtime may fill in.
+CAPABILITY_PLUGINS = {
+    "io.kubernetes.cri.pod-annotations": PLUGIN_NAME,  # containerd/CRI-O: pod annotations
+    "ips": PLUGIN_NAME,  # a requested address (podman --ip)
+    "portMappings": "portmap",
+    "bandwidth": "bandwidth",
+}
+# podwire's own, declared unless told otherwise; a chained portmap or bandwidth always
+# declares its capability.
+DEFAULT_CAPABILITIES = ("io.kubernetes.cri.pod-annotations", "ips")
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+
+
+class InstallError(Exception):
+    """What install-cni was asked to write would not work; ``setting`` names the option."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
 
 
 def find_interpreter() -> str:
@@ -55,21 +81,57 @@ def plugin_source(interpreter: str) -> bytes:
     return f"#!{interpreter} -IS\n".encode() + body
 
 
-def conflist(*, socket: str, spool_dir: str, mtu: int | None, chain: list[str]) -> dict[str, Any]:
+def conflist(
+    *,
+    socket: str,
+    spool_dir: str,
+    mtu: int | None,
+    chain: Sequence[str],
+    name: str = NETWORK_NAME,
+    cni_version: str = CNI_VERSION,
+    capabilities: Sequence[str] = DEFAULT_CAPABILITIES,
+) -> dict[str, Any]:
+    """The conflist document. Raises InstallError for a bad name or version, an unknown
+    capability, or one whose plugin is not chained."""
+    if not _NAME_RE.match(name):
+        raise InstallError("network name", f"{name!r} is not a valid CNI network name")
+    if cni_version not in CNI_VERSIONS:
+        raise InstallError("cniVersion", f"{cni_version!r}: expected one of {CNI_VERSIONS}")
+    for cap in capabilities:
+        owner = CAPABILITY_PLUGINS.get(cap)
+        if owner is None:
+            known = ", ".join(CAPABILITY_PLUGINS)
+            raise InstallError("capabilities", f"unknown capability {cap!r} (known: {known})")
+        if owner != PLUGIN_NAME and owner not in chain:
+            raise InstallError("capabilities", f"{cap} is {owner}'s: add {owner} to the chain")
     plugin: dict[str, Any] = {"type": PLUGIN_NAME, "agentSocket": socket, "spoolDir": spool_dir}
     if mtu:
         plugin["mtu"] = mtu
+    own = {c: True for c in capabilities if CAPABILITY_PLUGINS[c] == PLUGIN_NAME}
+    if own:
+        plugin["capabilities"] = own
     plugins = [plugin]
-    for name in chain:
-        if name == "portmap":
+    for chained in chain:
+        if chained == "portmap":
             plugins.append(
                 {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
             )
-        elif name == "bandwidth":
+        elif chained == "bandwidth":
             plugins.append({"type": "bandwidth", "capabilities": {"bandwidth": True}})
         else:
-            plugins.append({"type": name})
-    return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
+            plugins.append({"type": chained})
+    return {"cniVersion": cni_version, "name": name, "plugins": plugins}
+
+
+def check_chain(bin_dir: Path, chain: Sequence[str]) -> None:
+    """Raise InstallError unless every chained plugin is an executable in ``bin_dir`` (where
+    the runtime will look for it)."""
+    for chained in chain:
+        path = bin_dir / chained
+        if chained == PLUGIN_NAME:
+            raise InstallError("chain", "podwire is the first plugin; chain only what follows")
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise InstallError("chain", f"plugin {chained!r} is not an executable in {bin_dir}")
 
 
 def install(
@@ -79,15 +141,28 @@ def install(
     socket: str,
     spool_dir: str,
     mtu: int | None = None,
-    chain: list[str] | None = None,
+    chain: Sequence[str] = (),
     interpreter: str | None = None,
+    name: str = NETWORK_NAME,
+    cni_version: str = CNI_VERSION,
+    capabilities: Sequence[str] = DEFAULT_CAPABILITIES,
 ) -> list[Path]:
-    """Install the plugin and the conflist; return the files that changed."""
+    """Install the plugin and the conflist; return the files that changed. Raises
+    InstallError (before writing anything) for a conflist that would not work."""
+    doc = conflist(
+        socket=socket,
+        spool_dir=spool_dir,
+        mtu=mtu,
+        chain=chain,
+        name=name,
+        cni_version=cni_version,
+        capabilities=capabilities,
+    )
+    check_chain(bin_dir, chain)
     changed = []
     plugin = bin_dir / PLUGIN_NAME
     if _write_atomically(plugin, plugin_source(interpreter or find_interpreter()), 0o755):
         changed.append(plugin)
-    doc = conflist(socket=socket, spool_dir=spool_dir, mtu=mtu, chain=chain or [])
     conf = conf_dir / CONFLIST_NAME
     if _write_atomically(conf, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n", 0o644):
         changed.append(conf)
@@ -104,4 +179,3 @@ def uninstall(*, bin_dir: Path, conf_dir: Path) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
-

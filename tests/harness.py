@@ -117,6 +117,9 @@ class Node:
             "[gc]\n"
             "orphan_grace = 0\n" + extra_config
         )
+        self.bin_dir.mkdir(parents=True)
+        for name in chain:  # install-cni checks that chained plugins are there
+            (self.bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
         subprocess.run(
             [
                 str(VENV_BIN / "podwire-agent"),
@@ -135,8 +138,6 @@ class Node:
             check=True,
             capture_output=True,
         )
-        for name in chain:
-            (self.bin_dir / name).symlink_to(REFERENCE_PLUGINS / name)
         self.conflist = json.loads((self.conf_dir / "10-podwire.conflist").read_text())
         self.env = {**os.environ, **(env or {})}
         self.state_tmpfs = state_tmpfs

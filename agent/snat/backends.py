@@ -56,8 +56,9 @@ class SnatBackend(Protocol):
         """Move from ``old`` (last applied, None if unknown) to ``new`` the cheapest way."""
         ...
 
-    def remove(self) -> None:
-        """Remove everything of ours; succeed when it is already gone."""
+    def remove(self) -> bool:
+        """Remove everything of ours; succeed when it is already gone. Return whether there
+        was anything to remove."""
         ...
 
     def current_spec_matches(self, spec: SnatSpec) -> bool:
@@ -111,9 +112,11 @@ class NftSnat:
             self.apply(new)
         return plan
 
-    def remove(self) -> None:
-        """Delete our table; succeeds when it is already gone."""
+    def remove(self) -> bool:
+        """Delete our table; succeeds when it is already gone. Return whether it existed."""
+        existed = self.listing() is not None
         self.nft.run(render_nft_removal())
+        return existed
 
     def current_spec_matches(self, spec: SnatSpec) -> bool:
         """True when the live table holds exactly ``spec``'s chains, rules and set elements
@@ -155,9 +158,14 @@ class IptablesSnat:
         self.apply(new)
         return "full"
 
-    def remove(self) -> None:
-        """Delete our jumps and chains; succeeds when they are already gone."""
-        self.ipt.restore(render_iptables_removal(parse_iptables_save(self.ipt.save())))
+    def remove(self) -> bool:
+        """Delete our jumps and chains; succeeds when they are already gone. Return whether
+        there were any."""
+        present = parse_iptables_save(self.ipt.save())
+        if not (present.jumps or present.chains):
+            return False
+        self.ipt.restore(render_iptables_removal(present))
+        return True
 
     def current_spec_matches(self, spec: SnatSpec) -> bool:
         """True when our chains, their rules and the jumps to them are exactly ``spec``'s."""

@@ -226,14 +226,16 @@ class SnatService:
 
 
 def remove_all() -> list[str]:
-    """Remove the agent's SNAT state from both backends (``podwire-agent uninstall``)."""
+    """Remove the agent's SNAT state from both backends (``podwire-agent uninstall``); return
+    the backends where there was some."""
     removed = []
     for pref in ("nftables", "iptables"):
         try:
             backend = choose_backend(pref)
-            backend.remove()
+            existed = backend.remove()
             backend.close()
-            removed.append(backend.kind)
+            if existed:
+                removed.append(backend.kind)
         except Exception as e:  # a backend that is not there has nothing to remove
             log.debug("nothing removed", extra={"backend": pref, "error": str(e)})
     return removed

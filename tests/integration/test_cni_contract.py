@@ -177,3 +177,19 @@ def test_stale_checkpoint_temp_files_are_removed_at_start() -> None:
         stale.write_text('{"half": ')
         node.start()
         assert not stale.exists() and len(allocated(node)) == 1
+
+
+def test_the_agent_refuses_to_start_when_a_chained_plugin_is_missing() -> None:
+    node = Node(tag="ctchain")
+    try:
+        node.config_path.write_text(
+            node.config_path.read_text()
+            + f'[cni]\ninstall = true\nbin_dir = "{node.bin_dir}"\n'
+            + f'conf_dir = "{node.dir / "conf"}"\nchain = ["nosuchplugin"]\n'
+        )
+        with pytest.raises(RuntimeError, match="exited with 2"):
+            node.start()
+        assert "cni.chain: plugin 'nosuchplugin' is not an executable" in node.log()
+        assert not (node.dir / "conf").exists()
+    finally:
+        node.close()
