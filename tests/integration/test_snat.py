@@ -6,7 +6,10 @@
 
 internet and vpcpeer run a UDP echo that answers with the source address it saw. internet only
 routes back to the node's subnet, so traffic that is not SNATed gets no answer unless a test
-adds a route to the pods. The backend is applied inside the node namespace: libnftables from a
+adds a route to the pods. Every ask is a new flow, from a source port no other ask used: NAT is
+decided on a flow's first packet, and an ask reusing the 5-tuple of an earlier one (a random
+ephemeral port can) would follow that flow's conntrack entry (unNATed for up to 30 s after a
+timeout, 120 s after an answer) instead of the rules under test. The backend is applied inside the node namespace: libnftables from a
 worker thread that entered it (the context binds to the namespace it was created in), the
 binaries through ``nsenter --net=`` (``netns_path``). A module-level check asserts that the
 machine's own ruleset (nft, iptables-nft, iptables-legacy) is the same after the tests.
@@ -58,6 +61,7 @@ while True:
 ASK = f"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
 s.settimeout(1.5)
 s.sendto(b"?", (sys.argv[1], {PORT}))
 try:
@@ -85,16 +89,24 @@ def host_untouched() -> Iterator[None]:
     assert _host_state() == before, "the machine's own ruleset changed"
 
 
+# Source ports of the asks: below the kernel's ephemeral range (32768-60999), so no other
+# socket takes them, and each used once per module.
+ASK_PORTS = range(20000, 32000)
+
+
 @attrs.frozen
 class Topo:
     node: Netns
     pods: dict[str, Netns]  # pod IP -> namespace
     internet: Netns
     router: Netns
+    ports: Iterator[int] = attrs.field(factory=lambda: iter(ASK_PORTS))
 
-    def ask(self, pod_ip: str, dst: str) -> str:
-        """Send one datagram from the pod to ``dst``'s echo; return the source it saw."""
-        return self.pods[pod_ip].run(PY, "-c", ASK, dst).stdout.strip()
+    def ask(self, pod_ip: str, dst: str, sport: int | None = None) -> str:
+        """Send one datagram from the pod to ``dst``'s echo, as a new flow (from a fresh
+        source port unless ``sport`` is given); return the source address it saw."""
+        port = next(self.ports) if sport is None else sport
+        return self.pods[pod_ip].run(PY, "-c", ASK, dst, str(port)).stdout.strip()
 
 
 def _mac(ns: Netns, ifname: str) -> str:
@@ -295,6 +307,22 @@ def test_update_changes_which_pod_is_snatted(topo: Topo, backend: InNode) -> Non
     assert topo.ask(POD2, INTERNET) == NODE_IP
     assert topo.ask(POD1, INTERNET) == "timeout"
     assert backend.call(lambda: backend.backend.update(only2, only2)) == "unchanged"
+
+
+def test_a_reused_flow_escapes_a_new_snat_rule_so_asks_never_reuse_one(topo: Topo) -> None:
+    # The race behind test_update_changes_which_pod_is_snatted's rare 'timeout': an ask whose
+    # random source port matched an earlier flow of the same pod that the NAT rules had looked
+    # at and left alone (a null binding: its conntrack entry is never NATed afterwards).
+    b = InNode("libnftables", topo.node)
+    try:
+        b.apply(SPEC)  # pod1 only
+        sport = next(topo.ports)
+        assert topo.ask(POD2, INTERNET, sport=sport) == "timeout"
+        b.apply(attrs.evolve(SPEC, pod_cidrs=(f"{POD1}/32", f"{POD2}/32")))
+        assert topo.ask(POD2, INTERNET, sport=sport) == "timeout"  # the old flow, not the rule
+        assert topo.ask(POD2, INTERNET) == NODE_IP  # a new flow is SNATed
+    finally:
+        b.close()
 
 
 def test_remove_leaves_nothing(topo: Topo, backend: InNode) -> None:
