@@ -9,10 +9,12 @@ routes back to the node's subnet, so traffic that is not SNATed gets no answer u
 adds a route to the pods. Every ask is a new flow, from a source port no other ask used: NAT is
 decided on a flow's first packet, and an ask reusing the 5-tuple of an earlier one (a random
 ephemeral port can) would follow that flow's conntrack entry (unNATed for up to 30 s after a
-timeout, 120 s after an answer) instead of the rules under test. The backend is applied inside the node namespace: libnftables from a
-worker thread that entered it (the context binds to the namespace it was created in), the
-binaries through ``nsenter --net=`` (``netns_path``). A module-level check asserts that the
-machine's own ruleset (nft, iptables-nft, iptables-legacy) is the same after the tests.
+timeout, 120 s after an answer) instead of the rules under test.
+
+The backend is applied inside the node namespace: libnftables from a worker thread that entered
+it (the context binds to the namespace it was created in), the binaries through ``nsenter
+--net=`` (``netns_path``). A module-level check asserts that the machine's own ruleset (nft,
+iptables-nft, iptables-legacy) is the same after the tests.
 """
 
 from __future__ import annotations
