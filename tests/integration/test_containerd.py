@@ -233,11 +233,6 @@ def test_stop_and_remove_delete_twice_and_leave_nothing(runtime: Runtime) -> Non
     assert pool["pods"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 item 7 / issue 10 item 1: install-cni's conflist does not declare the "
-    "io.kubernetes.cri.pod-annotations capability, so containerd passes no annotations",
-)
 def test_pod_annotations_reach_the_agent(runtime: Runtime) -> None:
     runtime.start_agent()
     conflist = json.loads((runtime.containerd.conf_dir / "10-podwire.conflist").read_text())
