@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         help="repeatable; a POD-CIDR makes a static-provider node",
     )
     serve.add_argument("--no-fabric", action="store_true", help="EC2 API and IMDS only")
+    serve.add_argument(
+        "--no-security-groups",
+        action="store_true",
+        help="the router forwards everything (security groups kept in the API only)",
+    )
     clean = sub.add_parser("cleanup", help="remove what crashed runs left behind")
     clean.add_argument("--all", action="store_true", help="also namespaces of live runs")
     clean.add_argument("--pid", type=int, help="only the namespaces of the run with this pid")
@@ -47,7 +52,12 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with Vpc.start(
-        args.cidr, region=args.region, fabric=not args.no_fabric, host=args.host, port=args.port
+        args.cidr,
+        region=args.region,
+        fabric=not args.no_fabric,
+        security_groups=not args.no_security_groups,
+        host=args.host,
+        port=args.port,
     ) as vpc:
         by_cidr = {}
         for spec in args.subnet:

@@ -29,6 +29,7 @@ from cloud.emulator.control import ControlApp
 from cloud.emulator.echo import EchoServer
 from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, Fabric
 from cloud.emulator.faults import FaultPlan
+from cloud.emulator.firewall import Firewall
 from cloud.emulator.gce_metadata import GceMetadataApp, GceMetadataServer, MetadataRouter
 from cloud.emulator.imds import ImdsApp, by_source_address, fixed_instance
 from cloud.emulator.netns import Namespace
@@ -248,13 +249,26 @@ class Vpc:
         *,
         region: str = "us-east-1",
         fabric: bool = True,
+        security_groups: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> Vpc:
         """Start the emulator with one VPC of ``cidr`` and return it (use it as a context
-        manager, or call ``stop()``). ``port`` 0 picks a free port (see ``ec2_url``)."""
+        manager, or call ``stop()``). ``port`` 0 picks a free port (see ``ec2_url``). With the
+        fabric, the router enforces security groups unless ``security_groups=False``."""
         actions.apply()
-        state = CloudState(region, Fabric.create() if fabric else None)
+        made = Fabric.create() if fabric else None
+        try:
+            firewall = (
+                Firewall.open(made.router.name, made.router.path)
+                if made is not None and security_groups
+                else None
+            )
+        except BaseException:
+            if made is not None:
+                made.close()
+            raise
+        state = CloudState(region, made, firewall)
         vpc = cls(state, IPv4Network(cidr))
         try:
             state.reset()
@@ -470,6 +484,20 @@ class Vpc:
         node = next((n for n in self.nodes if n.instance_id == instance_id), None)
         return [str(node.pod_cidr)] if node is not None and node.pod_cidr else []
 
+    def drops(self, eni_id: str | None = None) -> info.Drops:
+        """Packets the router has dropped so far for ``eni_id`` (denied by its inbound or
+        outbound rules; for a trunk, refused frames on its cable); all zero for an ENI that is
+        not on the wire. Raises RuntimeError when security groups are not enforced."""
+        return self.all_drops().get(eni_id or "", info.Drops())
+
+    def all_drops(self) -> dict[str, info.Drops]:
+        """``drops`` of every ENI on the wire, by ENI id."""
+        firewall = self._state.firewall
+        if firewall is None:
+            raise RuntimeError("this Vpc does not enforce security groups")
+        with self._state.lock:
+            return firewall.drops()
+
     def describe(self) -> info.VpcInfo:
         fabric = self._state.fabric
         return info.VpcInfo(
@@ -573,3 +601,6 @@ class _Control:
 
     def set_gce_metadata_down(self, req: info.GceMetadataFault) -> None:
         self._vpc.gce_metadata.set_down(req.down)
+
+    def drops(self) -> dict[str, info.Drops]:
+        return self._vpc.all_drops()

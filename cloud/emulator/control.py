@@ -11,6 +11,8 @@ DELETE /_emulator/instances/<instance-id>
 POST   /_emulator/instances/<id>/serve    {port, protocol?}  (an echo service in the instance)
 PUT    /_emulator/nodes/<id>/alias-ranges {cidrs}  (GCE alias IP ranges)    -> AliasRanges
 POST   /_emulator/faults/gce-metadata     {down?}  (503 on every GCE metadata request)
+GET    /_emulator/drops                   -> {eni-id: Drops} (every ENI on the wire)
+GET    /_emulator/drops/<eni-id>          -> Drops (all zero for an ENI not on the wire)
 POST   /_emulator/faults/throttle         {action, count}
 POST   /_emulator/faults/error            {action, count, status?}
 POST   /_emulator/faults/latency          {action, seconds}
@@ -64,6 +66,7 @@ class VpcControl(Protocol):
     def set_alias_ranges(self, instance_id: str, req: info.SetAliasRanges) -> info.AliasRanges: ...
 
     def set_gce_metadata_down(self, req: info.GceMetadataFault) -> None: ...
+    def drops(self) -> dict[str, info.Drops]: ...
 
 
 class ControlApp:
@@ -81,7 +84,7 @@ class ControlApp:
             status, result = "400 Bad Request", {"error": str(e)}
         except KeyError as e:
             status, result = "404 Not Found", {"error": f"no such id: {e.args[0]}"}
-        except EmulatorError as e:
+        except (EmulatorError, RuntimeError) as e:
             status, result = "500 Internal Server Error", {"error": str(e)}
         except Exception as e:  # moto's EC2 errors (bad subnet id, limits) reach us here
             status, result = "400 Bad Request", {"error": f"{type(e).__name__}: {e}"}
@@ -115,6 +118,10 @@ class ControlApp:
                 return ok, vpc.set_alias_ranges(instance_id, _load(body, info.SetAliasRanges))
             case "POST", ["faults", "gce-metadata"]:
                 vpc.set_gce_metadata_down(_load(body, info.GceMetadataFault))
+            case "GET", ["drops"]:
+                return ok, vpc.drops()
+            case "GET", ["drops", eni_id]:
+                return ok, vpc.drops().get(eni_id, info.Drops())
             case "POST", ["faults", "throttle"]:
                 t = _load(body, info.Throttle)
                 faults.throttle(t.action, t.count)

@@ -57,3 +57,11 @@ class NotOurNamespace(EmulatorError):
     def __init__(self, name: str) -> None:
         super().__init__(f"refusing to touch network namespace {name!r}: not made by podwire")
         self.name = name
+
+
+class FirewallError(EmulatorError):
+    """nftables refused the VPC router's security-group rule set."""
+
+    def __init__(self, netns: str, stderr: str, script_excerpt: str) -> None:
+        super().__init__(f"nft in {netns} failed: {stderr.strip()}\n{script_excerpt}")
+        self.netns, self.stderr, self.script_excerpt = netns, stderr, script_excerpt

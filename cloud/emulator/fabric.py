@@ -142,6 +142,10 @@ class Fabric:
         for name, commands in nodes.items():
             Namespace(name).ip_batch(commands)
 
+    def ports(self) -> dict[str, str]:
+        """Where each cabled ENI meets the router: ENI id -> the router's interface."""
+        return {eni_id: p.router_if for eni_id, p in self._plugged.items()}
+
     def router_link_of(self, eni_id: str) -> str | None:
         """The router-side name of an ENI's cable, or None if it is not cabled."""
         plugged = self._plugged.get(eni_id)

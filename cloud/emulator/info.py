@@ -115,6 +115,20 @@ class GceMetadataFault:
 
 
 @attrs.frozen(kw_only=True)
+class Drops:
+    """Packets the VPC dropped for one ENI: denied by its inbound or outbound rules, and frames
+    refused on its cable (a trunk's: unassociated VLAN id or a MAC that does not match)."""
+
+    inbound: int = 0
+    outbound: int = 0
+    frames: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.inbound + self.outbound + self.frames
+
+
+@attrs.frozen(kw_only=True)
 class Throttle:
     action: str
     count: int

@@ -1,7 +1,9 @@
-"""The one cloud state every endpoint reads: moto's EC2 backend, the nodes, faults, the fabric.
+"""The one cloud state every endpoint reads: moto's EC2 backend, the nodes, faults, the fabric
+and the router's security groups.
 
 One re-entrant lock serialises moto (it is not thread-safe), IMDS reads and fabric changes, so
-an API call that returns has already changed the fabric (``reconcile`` runs inside the call).
+an API call that returns has already changed the fabric and the rules the router enforces
+(``reconcile`` runs inside the call).
 Attachments held ``attaching`` by an injected delay are wired by a timer when the delay ends.
 """
 
@@ -18,22 +20,26 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 from cloud.emulator import backend_state, rules
-from cloud.emulator.errors import FabricError
+from cloud.emulator.errors import FabricError, FirewallError
 from cloud.emulator.fabric import Fabric
 from cloud.emulator.faults import FaultPlan
+from cloud.emulator.firewall import Firewall, desired_policy
 from cloud.emulator.wiring import NodeSpec, desired_wiring
 
 
 class CloudState:
-    def __init__(self, region: str, fabric: Fabric | None) -> None:
+    def __init__(
+        self, region: str, fabric: Fabric | None, firewall: Firewall | None = None
+    ) -> None:
         self.region = region
         self.account_id = DEFAULT_ACCOUNT_ID
         self.lock = threading.RLock()
         self.fabric = fabric
+        self.firewall = firewall
         self.vpc_id = ""
         self.nodes: dict[str, NodeSpec] = {}
         self.faults = FaultPlan(on_attach_delay=self._set_attach_delay)
-        self.fabric_errors: list[FabricError] = []
+        self.fabric_errors: list[FabricError | FirewallError] = []
         self._timer: threading.Timer | None = None
         self._closed = False
 
@@ -66,9 +72,20 @@ class CloudState:
                 try:
                     self.fabric.apply(wiring)
                 except FabricError as e:
-                    self.fabric_errors.append(e)
-                    print(f"podwire emulator: fabric: {e}", file=sys.stderr)
+                    self._failed(e)
+                if self.firewall is not None:
+                    policy = desired_policy(
+                        self.backend, self.vpc_id, self.nodes.values(), self.fabric.ports()
+                    )
+                    try:
+                        self.firewall.apply(policy)
+                    except FirewallError as e:
+                        self._failed(e)
             self._schedule_attach_timer()
+
+    def _failed(self, error: FabricError | FirewallError) -> None:
+        self.fabric_errors.append(error)
+        print(f"podwire emulator: fabric: {error}", file=sys.stderr)
 
     def instance_of_address(self, address: str) -> str | None:
         """The simulated node whose ENIs hold ``address`` (an IP, inside a prefix or a pod
@@ -91,6 +108,8 @@ class CloudState:
             self._closed = True
             if self._timer is not None:
                 self._timer.cancel()
+            if self.firewall is not None:
+                self.firewall.close()
 
     def _set_attach_delay(self, seconds: float) -> None:
         with self.lock:
