@@ -8,12 +8,18 @@ address it saw, so a test learns whether the packet was SNATed on the way.
 from __future__ import annotations
 
 import socket
+import struct
 import sys
 import threading
+
+# <linux/in.h>: not exported by the socket module on every Python.
+IP_PKTINFO = 8
+_PKTINFO = struct.Struct("I4s4s")  # ifindex, spec_dst, addr
 
 
 def serve(port: int) -> None:
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     udp.bind(("0.0.0.0", port))
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -21,9 +27,17 @@ def serve(port: int) -> None:
     tcp.listen(64)
 
     def udp_loop() -> None:
+        # Answer from the address the datagram was sent to, as a connected TCP socket does: a
+        # namespace with several addresses would otherwise answer from its primary one, and a
+        # stateful firewall between (the emulated VPC's security groups) rightly drops that.
         while True:
-            _, peer = udp.recvfrom(2048)
-            udp.sendto(peer[0].encode(), peer)
+            _, ancillary, _, peer = udp.recvmsg(2048, socket.CMSG_SPACE(_PKTINFO.size))
+            control = []
+            for level, kind, data in ancillary:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                    _, _, to = _PKTINFO.unpack(data[: _PKTINFO.size])
+                    control = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, to, bytes(4)))]
+            udp.sendmsg([peer[0].encode()], control, 0, peer)
 
     def tcp_conn(conn: socket.socket, peer: tuple[str, int]) -> None:
         with conn, conn.makefile("rwb") as f:
