@@ -65,3 +65,12 @@ class FirewallError(EmulatorError):
     def __init__(self, netns: str, stderr: str, script_excerpt: str) -> None:
         super().__init__(f"nft in {netns} failed: {stderr.strip()}\n{script_excerpt}")
         self.netns, self.stderr, self.script_excerpt = netns, stderr, script_excerpt
+
+
+class VlanError(EmulatorError):
+    """Loading or attaching an 802.1Q program failed (errno, and the verifier's or kernel's
+    text)."""
+
+    def __init__(self, op: str, error: int, detail: str) -> None:
+        super().__init__(f"802.1Q datapath: {op} failed: errno {error}: {detail.strip()}")
+        self.op, self.error, self.detail = op, error, detail

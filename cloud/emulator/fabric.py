@@ -8,6 +8,14 @@ neighbour entry pointing at the ENI's MAC, and every address, /28 prefix or stat
 by that ENI is routed ``via <next hop> dev <cable> onlink``. Gateways (subnet base + 1) and the
 metadata address live on the router's ``lo``; proxy ARP on the cables lets a node reach the rest
 of its subnet through the router. The ``internet`` namespace hangs off the router at 203.0.113.10.
+
+A trunk's cable also carries its branches, 802.1Q-tagged. Each associated branch gets a link of
+its own in the router (``<cable>.<vlan id>``, a veth end) with its own next hop pointing at the
+branch's MAC; an eBPF program on the cable's ingress pops the tag of a frame with a branch's VLAN
+id and source MAC and delivers it on that link, and one on the link's egress pushes the tag and
+sends the frame out of the cable (``dot1q``: this kernel has no VLAN devices). Untagged frames
+stay the trunk's own. The router's forwarding and security groups then see a branch as an ENI
+like any other, at its own link.
 ``apply`` diffs the wanted ``Wiring`` against what it built before and issues one ``ip -batch``
 per namespace touched. Nothing here runs outside namespaces the emulator made.
 """
@@ -17,17 +25,21 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Literal
 
 import attrs
+import orjson
 
+from cloud.emulator import dot1q
 from cloud.emulator.netns import Namespace
-from cloud.emulator.wiring import Cable, Wiring
+from cloud.emulator.wiring import Branch, Cable, Wiring
 
 METADATA_IP = IPv4Address("169.254.169.254")
 INTERNET_NET = IPv4Network("203.0.113.0/24")
 ROUTER_INTERNET_IP = IPv4Interface("203.0.113.1/24")
 INTERNET_IP = IPv4Interface("203.0.113.10/24")
 _NEXT_HOPS = IPv4Network("169.254.0.0/17")
+BranchFrames = Literal["802.1q", "mac"]
 
 _ROUTER_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
@@ -35,6 +47,9 @@ _ROUTER_SYSCTLS = {
     "net.ipv4.conf.default.rp_filter": "0",
     # Inherited by every cable created afterwards.
     "net.ipv4.conf.default.proxy_arp": "1",
+    # The VPC is IPv4 only here: no router solicitations or ND on the cables.
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
 }
 
 
@@ -45,20 +60,36 @@ class _Plugged:
     next_hop: IPv4Address
 
 
-class Fabric:
-    """The router and internet namespaces and the cables and routes built so far."""
+@attrs.frozen
+class _PluggedBranch:
+    branch: Branch
+    router_if: str  # the branch's L3 link in the router (a veth end; its peer idles)
+    peer_if: str
+    next_hop: IPv4Address
 
-    def __init__(self, router: Namespace, internet: Namespace) -> None:
+
+class Fabric:
+    """The router and internet namespaces and the cables, branches and routes built so far."""
+
+    def __init__(
+        self, router: Namespace, internet: Namespace, branch_frames: BranchFrames = "802.1q"
+    ) -> None:
         self.router = router
         self.internet = internet
+        self.branch_frames = branch_frames
         self._plugged: dict[str, _Plugged] = {}
+        self._branches: dict[str, _PluggedBranch] = {}
         self._routes: dict[IPv4Network, str] = {}
         self._gateways: set[IPv4Address] = set()
         self._seq = itertools.count(1)
 
     @classmethod
-    def create(cls) -> Fabric:
-        """Make the router and internet namespaces, cabled together; return the fabric."""
+    def create(cls, branch_frames: BranchFrames = "802.1q") -> Fabric:
+        """Make the router and internet namespaces, cabled together; return the fabric.
+
+        ``branch_frames``: how a trunk's cable carries its branches: ``802.1q`` (EC2: tagged
+        with the branch's VLAN id, from the branch's MAC) or ``mac`` (untagged, told apart by
+        the branch's MAC alone: for node sides on kernels that cannot tag)."""
         router = Namespace.create("vpc")
         internet = None
         try:
@@ -84,19 +115,36 @@ class Fabric:
             if internet is not None:
                 internet.delete()
             raise
-        return cls(router, internet)
+        return cls(router, internet, branch_frames)
 
     def apply(self, wiring: Wiring) -> None:
-        """Make the kernel match ``wiring`` (raises FabricError if an ``ip`` command fails)."""
+        """Make the kernel match ``wiring``. Raises FabricError if an ``ip`` command fails and
+        VlanError if a trunk's 802.1Q programs cannot be set."""
         router: list[str] = []
         nodes: dict[str, list[str]] = defaultdict(list)
+        # Trunks whose demultiplexer must be set again, branches whose tagger must be set.
+        retag: set[str] = set()
+        tag: list[str] = []
+
+        for eni_id, pb in list(self._branches.items()):
+            trunk = self._plugged.get(pb.branch.trunk_eni_id)
+            if (
+                wiring.branches.get(eni_id) != pb.branch
+                or trunk is None
+                or wiring.cables.get(pb.branch.trunk_eni_id) != trunk.cable
+            ):
+                router.append(f"link del {pb.router_if}")
+                del self._branches[eni_id]
+                self._forget_routes(eni_id)
+                retag.add(pb.branch.trunk_eni_id)
 
         for eni_id, plugged in list(self._plugged.items()):
             if wiring.cables.get(eni_id) != plugged.cable:
                 # Deleting one end removes the pair and every route through it.
                 router.append(f"link del {plugged.router_if}")
                 del self._plugged[eni_id]
-                self._routes = {n: e for n, e in self._routes.items() if e != eni_id}
+                self._forget_routes(eni_id)
+                retag.discard(eni_id)
 
         for gateway in sorted(self._gateways - wiring.gateways):
             router.append(f"addr del {gateway}/32 dev lo")
@@ -126,25 +174,109 @@ class Fabric:
                 ]
             self._plugged[eni_id] = plugged
 
+        for eni_id, branch in wiring.branches.items():
+            trunk = self._plugged.get(branch.trunk_eni_id)
+            if eni_id in self._branches or trunk is None:
+                continue
+            seq = next(self._seq)
+            name = f"{trunk.router_if}.{branch.vlan_id}"
+            pb = _PluggedBranch(branch, name, f"{name}p", _NEXT_HOPS.network_address + seq)
+            router += [
+                f"link add {pb.router_if} type veth peer name {pb.peer_if}",
+                f"link set {pb.peer_if} up",
+                f"link set {pb.router_if} up",
+                f"ntable change name arp_cache dev {pb.router_if} proxy_delay 0",
+                f"neigh replace {pb.next_hop} lladdr {branch.mac} dev {pb.router_if} nud permanent",
+            ]
+            self._branches[eni_id] = pb
+            retag.add(branch.trunk_eni_id)
+            tag.append(eni_id)
+
         for net in [n for n in self._routes if n not in wiring.routes]:
             router.append(f"route del {net}")
             del self._routes[net]
         for net, eni_id in wiring.routes.items():
-            plugged_to = self._plugged.get(eni_id)
-            if self._routes.get(net) == eni_id or plugged_to is None:
+            target = self._target(eni_id)
+            if self._routes.get(net) == eni_id or target is None:
                 continue
-            router.append(
-                f"route replace {net} via {plugged_to.next_hop} dev {plugged_to.router_if} onlink"
-            )
+            next_hop, dev = target
+            router.append(f"route replace {net} via {next_hop} dev {dev} onlink")
             self._routes[net] = eni_id
 
         self.router.ip_batch(router)
         for name, commands in nodes.items():
             Namespace(name).ip_batch(commands)
+        if retag or tag:
+            self._set_vlans(retag, tag)
+
+    def _set_vlans(self, trunks: set[str], branches: list[str]) -> None:
+        index = self._ifindexes()
+        tagged = self.branch_frames == "802.1q"
+        for eni_id in branches:
+            pb = self._branches[eni_id]
+            cable = self._plugged[pb.branch.trunk_eni_id]
+            dot1q.attach(
+                self.router.path,
+                index[pb.router_if],
+                "egress",
+                dot1q.tagger(pb.branch.vlan_id if tagged else None, index[cable.router_if]),
+                "pw_vlan_tag",
+            )
+        for trunk_id in sorted(trunks):
+            trunk = self._plugged.get(trunk_id)
+            if trunk is None:
+                continue
+            on_trunk = sorted(
+                (pb.branch for pb in self._branches.values() if pb.branch.trunk_eni_id == trunk_id),
+                key=lambda b: b.vlan_id,
+            )
+            if not on_trunk:
+                dot1q.detach(self.router.path, index[trunk.router_if])
+                continue
+            program = dot1q.demux(
+                [
+                    dot1q.Branch(
+                        vlan_id=b.vlan_id if tagged else None,
+                        ifindex=index[self._branches[b.eni_id].router_if],
+                        mac=b.mac,
+                    )
+                    for b in on_trunk
+                ]
+            )
+            dot1q.attach(
+                self.router.path, index[trunk.router_if], "ingress", program, "pw_vlan_demux"
+            )
+
+    def _ifindexes(self) -> dict[str, int]:
+        links = orjson.loads(self.router.ip_text("-j", "link", "show"))
+        return {link["ifname"]: int(link["ifindex"]) for link in links}
+
+    def _target(self, eni_id: str) -> tuple[IPv4Address, str] | None:
+        plugged = self._plugged.get(eni_id)
+        if plugged is not None:
+            return plugged.next_hop, plugged.router_if
+        pb = self._branches.get(eni_id)
+        if pb is not None:
+            return pb.next_hop, pb.router_if
+        return None
+
+    def _forget_routes(self, eni_id: str) -> None:
+        self._routes = {n: e for n, e in self._routes.items() if e != eni_id}
 
     def ports(self) -> dict[str, str]:
-        """Where each cabled ENI meets the router: ENI id -> the router's interface."""
-        return {eni_id: p.router_if for eni_id, p in self._plugged.items()}
+        """Where each ENI on the wire meets the router: ENI id -> the router's interface (a
+        cable's router end; for a branch, its link on the trunk's VLAN)."""
+        found = {eni_id: p.router_if for eni_id, p in self._plugged.items()}
+        found |= {eni_id: pb.router_if for eni_id, pb in self._branches.items()}
+        return found
+
+    def trunk_cables(self) -> dict[str, tuple[str, str]]:
+        """Every cabled trunk: ENI id -> (the cable's router end, the trunk's MAC)."""
+        return {
+            eni_id: (p.router_if, p.cable.mac)
+            for eni_id, p in self._plugged.items()
+            if p.cable.trunk
+        }
 
     def router_link_of(self, eni_id: str) -> str | None:
         """The router-side name of an ENI's cable, or None if it is not cabled."""
@@ -156,11 +288,12 @@ class Fabric:
         self.router.delete()
         self.internet.delete()
         self._plugged.clear()
+        self._branches.clear()
         self._routes.clear()
         self._gateways.clear()
 
     def __repr__(self) -> str:
         return (
             f"Fabric(router={self.router.name}, cables={len(self._plugged)}, "
-            f"routes={len(self._routes)})"
+            f"branches={len(self._branches)}, routes={len(self._routes)})"
         )

@@ -20,10 +20,10 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 from cloud.emulator import backend_state, rules
-from cloud.emulator.errors import FabricError, FirewallError
+from cloud.emulator.errors import EmulatorError, FabricError, FirewallError, VlanError
 from cloud.emulator.fabric import Fabric
 from cloud.emulator.faults import FaultPlan
-from cloud.emulator.firewall import Firewall, desired_policy
+from cloud.emulator.firewall import Firewall, TrunkCable, desired_policy
 from cloud.emulator.wiring import NodeSpec, desired_wiring
 
 
@@ -39,7 +39,7 @@ class CloudState:
         self.vpc_id = ""
         self.nodes: dict[str, NodeSpec] = {}
         self.faults = FaultPlan(on_attach_delay=self._set_attach_delay)
-        self.fabric_errors: list[FabricError | FirewallError] = []
+        self.fabric_errors: list[EmulatorError] = []
         self._timer: threading.Timer | None = None
         self._closed = False
 
@@ -71,11 +71,19 @@ class CloudState:
                 wiring = desired_wiring(self.backend, self.vpc_id, self.nodes.values())
                 try:
                     self.fabric.apply(wiring)
-                except FabricError as e:
+                except (FabricError, VlanError) as e:
                     self._failed(e)
                 if self.firewall is not None:
+                    trunks = [
+                        TrunkCable(eni_id=e, ifname=i, mac=m)
+                        for e, (i, m) in self.fabric.trunk_cables().items()
+                    ]
                     policy = desired_policy(
-                        self.backend, self.vpc_id, self.nodes.values(), self.fabric.ports()
+                        self.backend,
+                        self.vpc_id,
+                        self.nodes.values(),
+                        self.fabric.ports(),
+                        trunks,
                     )
                     try:
                         self.firewall.apply(policy)
@@ -83,7 +91,7 @@ class CloudState:
                         self._failed(e)
             self._schedule_attach_timer()
 
-    def _failed(self, error: FabricError | FirewallError) -> None:
+    def _failed(self, error: EmulatorError) -> None:
         self.fabric_errors.append(error)
         print(f"podwire emulator: fabric: {error}", file=sys.stderr)
 
