@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import attrs
@@ -22,8 +23,10 @@ from agent.gc import GcService
 from agent.health import Health
 from agent.metrics import Metrics
 from agent.snat.service import SnatService
+from agent.trace import Traces, mark
 from rpc.errors import RpcError
 from rpc.messages import CniParams, Peer, structure, unstructure
+from rpc.server import CURRENT_REQUEST
 
 log = logging.getLogger("podwire.api")
 
@@ -93,6 +96,7 @@ class AgentApi:
         self.refiller = refiller
         self.ranges = ranges
         self.started_at = time.time()
+        self.traces = Traces(observe=self.metrics.observe_phase)
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
         command = CNI_METHODS.get(method)
@@ -132,6 +136,9 @@ class AgentApi:
                 {"setting": name, "value": value, "source": source}
                 for name, value, source in config_mod.effective(self.cfg)
             ]
+        if method == "agent.traces":
+            since = params.get("since", 0)
+            return self.traces.recent(since if type(since) is int else 0)
         if method == "agent.events":
             if not params.get("follow"):
                 return self.cni.events.recent()
@@ -139,17 +146,24 @@ class AgentApi:
         raise RpcError(UNKNOWN_METHOD, f"unknown method {method!r}")
 
     async def _cni(self, command: str, params: dict[str, Any]) -> Any:
+        timing = CURRENT_REQUEST.get()
+        stamps = params.get("trace")
+        plugin = stamps if isinstance(stamps, list) and all(type(t) is int for t in stamps) else []
+        trace = self.traces.start(command, "", plugin, timing.received if timing else None)
+        if timing is not None:
+            timing.on_replied = partial(self.traces.finish, trace)
         p = structure(params, CniParams)
         env = unstructure(p.env)
         started = time.perf_counter()
         cid, ifname = env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", "")
-        key = f"{p.config.get('name', '')}/{cid}/{ifname}"
+        key = trace.key = f"{p.config.get('name', '')}/{cid}/{ifname}"
         try:
             if env.get("CNI_COMMAND") != command:
                 raise CniError(
                     INVALID_ENV, f"CNI_COMMAND {env.get('CNI_COMMAND')!r} does not match {command}"
                 )
             req = validate(env, p.config)
+            mark("validate")
             if command == "ADD":
                 result: Any = await self.cni.add(req)
             elif command == "DEL":
@@ -166,6 +180,7 @@ class AgentApi:
                 result = None
         except Exception as e:
             err = map_error(e)
+            trace.code = err.code
             self.metrics.observe_cni(command, err.code, time.perf_counter() - started)
             log.warning(
                 f"{command} failed",

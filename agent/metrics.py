@@ -31,6 +31,22 @@ CNI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 EC2_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Create + attach + the link appearing on the node: seconds, tens when EC2 is slow.
 ENI_ATTACH_BUCKETS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+# One phase of a CNI request (agent/trace.py): tens of microseconds to milliseconds.
+PHASE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 SNAT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
@@ -227,6 +243,13 @@ class Metrics:
         self.allocations = Gauge(
             f"{PREFIX}allocations", "Pod attachments the agent holds an address for.", registry=r
         )
+        self.cni_phase = Histogram(
+            f"{PREFIX}cni_phase_seconds",
+            "Time of each phase of a CNI request, by verb (agent/trace.py names the phases).",
+            ("command", "phase"),
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
         for verb in CNI_VERBS:  # every verb's histogram exists from the start, at zero
             self.cni_duration.labels(verb)
 
@@ -236,6 +259,10 @@ class Metrics:
         """One CNI request answered with ``code`` (0 for success) after ``seconds``."""
         self.cni_requests.labels(verb, str(code)).inc()
         self.cni_duration.labels(verb).observe(seconds)
+
+    def observe_phase(self, verb: str, phase: str, seconds: float) -> None:
+        """One phase of one CNI request (agent/trace.py)."""
+        self.cni_phase.labels(verb, phase).observe(seconds)
 
     def ec2_call(self, action: str, outcome: str, seconds: float) -> None:
         """One EC2 call (``action`` like "AssignPrivateIpAddresses") and how it ended."""

@@ -65,6 +65,8 @@ class Plugin:
         self.conf = json.dumps(conf).encode()
         self.cni_path = cni_path
         self.agent_pid: int | None = None
+        self.node_obj: Node | None = None  # podwire's: where its traces are read
+        self.stamps: dict[tuple[str, str], tuple[int, int]] = {}  # exec and exit, per call
 
     def run(self, command: str, pod: Netns) -> float:
         """Run one call; return its wall time in ms. Raises RuntimeError when it fails."""
@@ -77,14 +79,16 @@ class Plugin:
             "CNI_PATH": self.cni_path,
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         }
-        start = time.perf_counter()
+        start = time.monotonic_ns()
         proc = subprocess.run(
             ["nsenter", f"--net={self.node.path}", "--", str(self.binary)],
             env=env,
             input=self.conf,
             capture_output=True,
         )
-        elapsed = (time.perf_counter() - start) * 1000
+        end = time.monotonic_ns()
+        self.stamps[(command, pod.name)] = (start, end)
+        elapsed = (end - start) / 1e6
         if proc.returncode != 0:
             raise RuntimeError(f"{self.name} {command} failed: {proc.stdout!r} {proc.stderr!r}")
         return elapsed
@@ -95,6 +99,37 @@ class Plugin:
         with concurrent.futures.ThreadPoolExecutor(width) as ex:
             list(ex.map(lambda p: self.run(command, p), pods))
         return (time.perf_counter() - start) * 1000
+
+
+# The phases of a trace (agent/trace.py), with the runtime's own two around them.
+PHASES = {
+    "ADD": ("exec", "connect", "send", "validate", "ipam", "checkpoint", "wire", "reply", "exit"),
+    "DEL": ("exec", "connect", "send", "validate", "delete", "checkpoint", "reply", "exit"),
+}
+
+
+def phase_times(plugin: Plugin, command: str, since: int) -> dict[str, list[float]]:
+    """Per phase, the ms of every sequential ``command`` of ``plugin`` since ``since`` (ns):
+    the agent's trace of the call between the runtime's exec and exit stamps."""
+    assert plugin.node_obj is not None
+    out: dict[str, list[float]] = {name: [] for name in PHASES[command]}
+    out["total"] = []
+    for trace in plugin.node_obj.call("agent.traces", {"since": since}):
+        if trace["command"] != command or trace["code"] != 0:
+            continue
+        cid = trace["key"].split("/")[1]
+        stamps = plugin.stamps.get((command, cid))
+        marks = trace["marks"]
+        if stamps is None or marks[0][0] != "start" or len(marks) < 3:
+            continue
+        points = [("exec", marks[0][1])] + [(n, t) for n, t in marks[1:]] + [("exit", stamps[1])]
+        prev = stamps[0]
+        for name, t in points:
+            if name in out:
+                out[name].append((t - prev) / 1e6)
+            prev = t
+        out["total"].append((stamps[1] - stamps[0]) / 1e6)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,17 +167,25 @@ def measure(plugins: list[Plugin], pods: int, rounds: int) -> dict[str, Any]:
     seq: dict[str, dict[str, list[float]]] = {p.name: {"ADD": [], "DEL": []} for p in plugins}
     cpu: dict[str, dict[str, float]] = {p.name: {"ADD": 0.0, "DEL": 0.0} for p in plugins}
     walls: dict[str, dict[str, list[float]]] = {p.name: {} for p in plugins}
+    phases: dict[str, dict[str, dict[str, list[float]]]] = {
+        p.name: {c: {} for c in PHASES} for p in plugins if p.node_obj is not None
+    }
     store = Pods()
     try:
         for _ in range(rounds):
             batches = {p.name: store.fresh(pods) for p in plugins}
             for command in ("ADD", "DEL"):
+                since = time.monotonic_ns()
                 for i in range(pods):
                     for p in plugins:
                         before = cpu_seconds(p.agent_pid) if p.agent_pid else 0.0
                         seq[p.name][command].append(p.run(command, batches[p.name][i]))
                         if p.agent_pid:
                             cpu[p.name][command] += cpu_seconds(p.agent_pid) - before
+                for p in plugins:
+                    if p.node_obj is not None:
+                        for name, ms in phase_times(p, command, since).items():
+                            phases[p.name][command].setdefault(name, []).extend(ms)
             store.close()
             for width in WIDTHS:
                 batches = {p.name: store.fresh(pods) for p in plugins}
@@ -163,6 +206,10 @@ def measure(plugins: list[Plugin], pods: int, rounds: int) -> dict[str, Any]:
             "walls_ms": walls[p.name],
             "cpu_ms_per_add": cpu[p.name]["ADD"] * 1000 / calls if p.agent_pid else None,
             "cpu_ms_per_del": cpu[p.name]["DEL"] * 1000 / calls if p.agent_pid else None,
+            "phases_ms": {
+                command: {name: summary(ms) for name, ms in by_phase.items() if ms}
+                for command, by_phase in phases.get(p.name, {}).items()
+            },
         }
         for p in plugins
     }
@@ -275,6 +322,19 @@ def table(results: dict[str, Any], pods: int) -> str:
     return "\n".join(lines)
 
 
+def phase_table(results: dict[str, Any]) -> str:
+    """p50/p95 per phase of the sequential calls, both agents."""
+    lines = [f"{'phase (ms)':<22}{'tmpfs p50':>10}{'p95':>8}{'ext4 p50':>10}{'p95':>8}"]
+    for command, names in PHASES.items():
+        for name in (*names, "total"):
+            cells = []
+            for agent in ("podwire-tmpfs", "podwire-ext4"):
+                s = results[agent]["phases_ms"].get(command, {}).get(name)
+                cells.append(f"{s['p50']:>10.2f}{s['p95']:>8.2f}" if s else f"{'-':>10}{'-':>8}")
+            lines.append(f"{command + ' ' + name:<22}{cells[0]}{cells[1]}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", type=int, default=100)
@@ -305,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             assert node.proc is not None
             p.agent_pid = node.proc.pid
+            p.node_obj = node
             plugins.append(p)
         ref_conf = {
             "cniVersion": "1.0.0",
@@ -341,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.time() - started,
     }
     print(table(results, args.pods))
+    print()
+    print(phase_table(results))
     load = results["load"]
     print(
         f"\nstate dir: tmpfs (agent's own mount namespace) and ext4 (this machine's /run); "

@@ -93,6 +93,7 @@ _DECODERS: dict[int, Any] = {
 # Framing only: length, type, flags and sequence number of each message in a datagram (what
 # pyroute2's own Marshal reads before choosing a class).
 _FRAME = struct.Struct("=IHHI")
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 
 
 class CappedAck(nlmsgerr):  # type: ignore[misc]
@@ -117,7 +118,8 @@ class CappedAck(nlmsgerr):  # type: ignore[misc]
 @attrs.frozen
 class Request:
     """One rtnetlink request: ``msg`` is a pyroute2 message with its fields and ``attrs`` set
-    and no header; the transport adds the header and encodes it, once."""
+    and no header, or the body bytes ``netlink.packing`` made; the transport adds the header
+    and encodes it, once."""
 
     op: str  # what the request does, as errors name it
     type: int
@@ -127,6 +129,9 @@ class Request:
     # prefilter for dumps the kernel cannot filter: pyroute2 decodes a rule in ~25-60 us, so
     # scanning a thousand pods' rules for one pod's would cost tens of ms per check.
     match: bytes = b""
+    # Link replies: decode only these IFLA_* attributes (empty: all). A veth's RTM_NEWLINK is
+    # ~1.5 KiB, mostly statistics, and pyroute2 decodes every nested attribute it is given.
+    keep: frozenset[int] = frozenset()
 
 
 @attrs.frozen
@@ -148,6 +153,10 @@ def encode_batch(requests: Sequence[Request], first_seq: int) -> bytes:
     out = bytearray()
     for i, req in enumerate(requests):
         msg = req.msg
+        seq = (first_seq + i) & 0xFFFFFFFF
+        if isinstance(msg, bytes):  # a body packed by netlink.packing: add the header
+            out += _HEADER.pack(_HEADER.size + len(msg), req.type, req.flags, seq, 0) + msg
+            continue
         msg["header"] = {
             "type": req.type,
             "flags": req.flags,
@@ -157,6 +166,28 @@ def encode_batch(requests: Sequence[Request], first_seq: int) -> bytes:
         msg.encode()
         out += msg.data
     return bytes(out)
+
+
+_IFINFOMSG_SIZE = 16
+_NLA = struct.Struct("=HH")
+
+
+def slim_link(raw: bytes, keep: frozenset[int]) -> bytes:
+    """Return the link message ``raw`` (header included) with only the attributes in
+    ``keep``: what a caller reads, without the kilobyte of statistics pyroute2 would decode."""
+    head = _HEADER.size + _IFINFOMSG_SIZE
+    kept = bytearray(raw[:head])
+    offset, end = head, len(raw)
+    while offset + 4 <= end:
+        size, kind = _NLA.unpack_from(raw, offset)
+        if size < 4:
+            break
+        step = (size + 3) & ~3
+        if kind & 0x3FFF in keep:
+            kept += raw[offset : offset + step]
+        offset += step
+    _HEADER.pack_into(kept, 0, len(kept), *_HEADER.unpack_from(raw)[1:])
+    return bytes(kept)
 
 
 def decode_message(data: bytes, offset: int = 0) -> Message:
@@ -174,6 +205,7 @@ class Collector:
     def __init__(self, requests: Sequence[Request], first_seq: int) -> None:
         self._ops = [r.op for r in requests]
         self._matches = [r.match for r in requests]
+        self._keeps = [r.keep for r in requests]
         self._pending = {(first_seq + i) & 0xFFFFFFFF: i for i in range(len(requests))}
         self._errors = [0] * len(requests)
         self._details = [""] * len(requests)
@@ -204,7 +236,13 @@ class Collector:
                 else:
                     match = self._matches[index]
                     if not match or data.find(match, offset, offset + size) >= 0:
-                        self._messages[index].append(decode_message(data, offset))
+                        keep = self._keeps[index]
+                        if keep and mtype == RTM_NEWLINK:
+                            msg = ifinfmsg(slim_link(data[offset : offset + size], keep))
+                            msg.decode()
+                        else:
+                            msg = decode_message(data, offset)
+                        self._messages[index].append(msg)
             offset += (size + 3) & ~3
 
     def replies(self) -> list[Reply]:

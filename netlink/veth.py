@@ -61,6 +61,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
+from netlink import packing
 from netlink.errors import (
     DatapathClosed,
     HostVethExists,
@@ -154,22 +155,30 @@ def _ifinfmsg(*attrs: tuple[str, object], index: int = 0, up: bool = False) -> M
     return msg
 
 
+# What _parse_link reads of a link reply: IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK.
+_LINK_KEEP = frozenset({1, 3, 4, 5})
+
+
 def _getlink(op: str, name: str) -> Request:
-    return Request(op, RTM_GETLINK, ACKED, _ifinfmsg(("IFLA_IFNAME", name)))
+    return Request(op, RTM_GETLINK, ACKED, packing.link_by_name(name), keep=_LINK_KEEP)
 
 
 def _dellink(op: str, name: str) -> Request:
-    return Request(op, RTM_DELLINK, ACKED, _ifinfmsg(("IFLA_IFNAME", name)))
+    return Request(op, RTM_DELLINK, ACKED, packing.link_by_name(name))
 
 
 def _set_group(op: str, name: str, group: int) -> Request:
-    return Request(op, RTM_SETLINK, ACKED, _ifinfmsg(("IFLA_IFNAME", name), ("IFLA_GROUP", group)))
+    return Request(op, RTM_SETLINK, ACKED, packing.link_group(name, group))
 
 
 def _delete_group(op: str, group: int) -> Request:
     # No index and no name: the kernel deletes every link of the group (rtnl_group_dellink),
     # ENODEV when there is none.
-    return Request(op, RTM_DELLINK, ACKED, _ifinfmsg(("IFLA_GROUP", group)))
+    return Request(op, RTM_DELLINK, ACKED, packing.whole_group(group))
+
+
+def _link_up(op: str, index: int) -> Request:
+    return Request(op, RTM_SETLINK, ACKED, packing.link_up(index))
 
 
 def _route_req(
@@ -182,22 +191,21 @@ def _route_req(
     scope: int,
     gateway: ipaddress.IPv4Address | None = None,
 ) -> Request:
-    msg = rtmsg()
-    msg["family"] = socket.AF_INET
-    msg["dst_len"] = 32 if dst is not None else 0
-    msg["table"] = RT_TABLE_MAIN
     if mtype == RTM_DELROUTE:
         # Match whoever's protocol, scope and type; dst and oif pick the route.
-        msg["proto"], msg["scope"], msg["type"] = 0, _RT_SCOPE_NOWHERE, 0
+        proto, scope, rtype = 0, _RT_SCOPE_NOWHERE, 0
     else:
-        msg["proto"], msg["scope"], msg["type"] = _RTPROT_BOOT, scope, _RTN_UNICAST
-    attrs: list[tuple[str, object]] = [("RTA_TABLE", RT_TABLE_MAIN), ("RTA_OIF", oif)]
-    if dst is not None:
-        attrs.append(("RTA_DST", str(dst)))
-    if gateway is not None:
-        attrs.append(("RTA_GATEWAY", str(gateway)))
-    msg["attrs"] = attrs
-    return Request(op, mtype, flags, msg)
+        proto, rtype = _RTPROT_BOOT, _RTN_UNICAST
+    body = packing.route(
+        table=RT_TABLE_MAIN,
+        oif=oif,
+        dst=dst,
+        scope=scope,
+        proto=proto,
+        rtype=rtype,
+        gateway=gateway,
+    )
+    return Request(op, mtype, flags, body)
 
 
 def _route_dump(oif: int) -> Request:
@@ -220,17 +228,7 @@ def _rule_req(
     table: int,
     priority: int,
 ) -> Request:
-    msg = fibmsg()
-    msg["family"] = socket.AF_INET
-    msg["src_len"], msg["dst_len"] = (32, 0) if src else (0, 32)
-    msg["table"] = table if table < 256 else 0
-    msg["action"] = _FR_ACT_TO_TBL
-    msg["attrs"] = [
-        ("FRA_SRC" if src else "FRA_DST", str(ip)),
-        ("FRA_PRIORITY", priority),
-        ("FRA_TABLE", table),
-    ]
-    return Request(op, mtype, flags, msg)
+    return Request(op, mtype, flags, packing.rule(ip, src=src, table=table, priority=priority))
 
 
 def _rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:
@@ -267,43 +265,18 @@ def _rule_to_name(pod: PodNet) -> str:
 
 
 def _newveth(pod: PodNet, host_mac: str, host_fd: int) -> Request:
-    peer = {
-        "attrs": [
-            ("IFLA_IFNAME", pod.host_veth),
-            ("IFLA_MTU", pod.mtu),
-            ("IFLA_ADDRESS", host_mac),
-            ("IFLA_NET_NS_FD", host_fd),
-        ]
-    }
-    linkinfo = {
-        "attrs": [
-            ("IFLA_INFO_KIND", "veth"),
-            ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
-        ]
-    }
-    msg = _ifinfmsg(
-        ("IFLA_IFNAME", pod.ifname),
-        ("IFLA_MTU", pod.mtu),
-        ("IFLA_LINKINFO", linkinfo),
-        up=True,
-    )
-    return Request("create veth", RTM_NEWLINK, CREATE, msg)
+    body = packing.new_veth(pod.ifname, pod.mtu, pod.host_veth, host_mac, host_fd)
+    return Request("create veth", RTM_NEWLINK, CREATE, body)
 
 
 def _pod_side(pod: PodNet, index: int, host_mac: str) -> list[Request]:
-    addr = ifaddrmsg()
-    addr["family"] = socket.AF_INET
-    addr["prefixlen"] = 32
-    addr["scope"] = _RT_SCOPE_UNIVERSE
-    addr["index"] = index
-    addr["attrs"] = [("IFA_LOCAL", str(pod.ip)), ("IFA_ADDRESS", str(pod.ip))]
-    neigh = ndmsg()
-    neigh["family"] = socket.AF_INET
-    neigh["ifindex"] = index
-    neigh["state"] = _NUD_PERMANENT
-    neigh["attrs"] = [("NDA_DST", str(GATEWAY)), ("NDA_LLADDR", host_mac)]
     return [
-        Request(f"address {pod.ip}/32 on {pod.ifname}", RTM_NEWADDR, CREATE, addr),
+        Request(
+            f"address {pod.ip}/32 on {pod.ifname}",
+            RTM_NEWADDR,
+            CREATE,
+            packing.address32(index, pod.ip),
+        ),
         _route_req(
             f"route {GATEWAY} scope link",
             RTM_NEWROUTE,
@@ -313,7 +286,12 @@ def _pod_side(pod: PodNet, index: int, host_mac: str) -> list[Request]:
             scope=_RT_SCOPE_LINK,
         ),
         # REPLACE: the kernel may already hold an incomplete entry for the gateway.
-        Request(f"neighbour {GATEWAY}", RTM_NEWNEIGH, REPLACE, neigh),
+        Request(
+            f"neighbour {GATEWAY}",
+            RTM_NEWNEIGH,
+            REPLACE,
+            packing.permanent_neighbour(index, GATEWAY, host_mac),
+        ),
         _route_req(
             f"default route via {GATEWAY}",
             RTM_NEWROUTE,
@@ -510,12 +488,7 @@ class Datapath:
         this call added (the route goes with the link)."""
         rules = _rule_reqs(pod, RTM_NEWRULE, CREATE)
         requests = [
-            Request(
-                f"host veth {pod.host_veth} up",
-                RTM_SETLINK,
-                ACKED,
-                _ifinfmsg(index=host_index, up=True),
-            ),
+            _link_up(f"host veth {pod.host_veth} up", host_index),
             _route_req(
                 f"host route {pod.ip}/32",
                 RTM_NEWROUTE,
@@ -554,12 +527,7 @@ class Datapath:
         if host is None or not missing:
             return []
         requests = [
-            Request(
-                f"host veth {pod.host_veth} up",
-                RTM_SETLINK,
-                ACKED,
-                _ifinfmsg(index=host.index, up=True),
-            ),
+            _link_up(f"host veth {pod.host_veth} up", host.index),
             _route_req(
                 f"host route {pod.ip}/32",
                 RTM_NEWROUTE,
@@ -793,7 +761,8 @@ class Datapath:
         """Return every host link named with HOST_VETH_PREFIX, by name, with its ifindex."""
         query = _ifinfmsg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}))
         found: dict[str, int] = {}
-        for msg in self._host().dump(Request("links", RTM_GETLINK, DUMP, query)):
+        links = Request("links", RTM_GETLINK, DUMP, query, keep=_LINK_KEEP)
+        for msg in self._host().dump(links):
             link = _parse_link(msg)
             if link.name.startswith(HOST_VETH_PREFIX):
                 found[link.name] = link.index

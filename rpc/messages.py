@@ -91,6 +91,8 @@ class CniParams:
 
     env: CniEnv
     config: dict[str, Any]
+    # The plugin's start and connect stamps (CLOCK_MONOTONIC ns) for the phase trace.
+    trace: tuple[int, ...] = ()
 
 
 def structure(obj: Any, cls: type[T]) -> T:

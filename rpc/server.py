@@ -26,7 +26,9 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Protocol
 
@@ -49,7 +51,17 @@ from rpc.errors import (
 from rpc.framing import NEED_DATA, LineDecoder, encode_error, encode_event, encode_result
 from rpc.messages import Peer, Request, structure, unstructure
 
-__all__ = ["Access", "Handler", "Limits", "Send", "ServerStats", "dispatch", "serve"]
+__all__ = [
+    "CURRENT_REQUEST",
+    "Access",
+    "Handler",
+    "Limits",
+    "RequestTiming",
+    "Send",
+    "ServerStats",
+    "dispatch",
+    "serve",
+]
 
 logger = logging.getLogger("podwire.rpc")
 
@@ -76,6 +88,19 @@ class ServerStats:
     connections_evicted: int = 0  # idle, closed to admit a new one at the limit
     connections_timed_out: int = 0  # idle too long, or too slow to send a request
     accept_errors: int = 0  # accept failed for want of descriptors or memory
+
+
+@attrs.define(kw_only=True)
+class RequestTiming:
+    """When the request being handled was read, and (for the handler to learn) when its reply
+    was written: ``on_replied`` is called with that time. CLOCK_MONOTONIC nanoseconds."""
+
+    received: int
+    on_replied: Callable[[int], None] | None = None
+
+
+# The timing of the request whose handler is running (None outside one).
+CURRENT_REQUEST: ContextVar[RequestTiming | None] = ContextVar("rpc_request", default=None)
 
 
 @attrs.frozen(kw_only=True)
@@ -400,7 +425,14 @@ async def _converse(
             started = None
             client.busy = True
             stats.requests_total += 1
-            await dispatch(message, handler, peer, send, access=access, deadline=deadline)
+            timing = RequestTiming(received=time.monotonic_ns())
+            token = CURRENT_REQUEST.set(timing)
+            try:
+                await dispatch(message, handler, peer, send, access=access, deadline=deadline)
+            finally:
+                CURRENT_REQUEST.reset(token)
+            if timing.on_replied is not None:
+                timing.on_replied(time.monotonic_ns())
     except TimeoutError:
         stats.connections_timed_out += 1  # the client did not take its reply
 

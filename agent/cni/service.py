@@ -47,6 +47,7 @@ from agent.cni.spec import (
 )
 from agent.events import EventBus
 from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
+from agent.trace import mark
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
 from netlink.names import host_veth_name
@@ -220,6 +221,7 @@ class CniService:
                 lease = self._requested(key, want)
             else:
                 lease = await self._acquire(key)
+            mark("ipam")
             alloc = Allocation(
                 network=key.network,
                 container_id=key.container_id,
@@ -237,9 +239,11 @@ class CniService:
             wired: WiredPod | None = None
             try:
                 await self.checkpoint.commit()
+                mark("checkpoint")
                 await self.deleter.wait_for(alloc.host_veth)
                 with anyio.fail_after(self.wire_timeout):
                     wired = await self.datapath.wire(self.pod_net(alloc))
+                mark("wire")
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_add(alloc, wired)
@@ -331,9 +335,11 @@ class CniService:
             await self.deleter.delete([host_veth_name(key.network, key.container_id, key.ifname)])
             return None
         await self._unwire(alloc)
+        mark("delete")
         del self.allocations[key]
         self.pool.release(alloc.ip, self.clock())
         await self.checkpoint.commit()
+        mark("checkpoint")
         self.events.publish(
             "pod.deleted", key=str(key), ip=str(alloc.ip), cooldown_s=self.pool.cooldown
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,29 @@ def test_the_cni_section_is_checked_at_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load(None, {**env, "PODWIRE_CNI_CNI_VERSION": "0.3.0"})
     assert e.value.setting == "cni.cni_version"
+
+
+def test_the_installed_plugin_is_precompiled_and_still_runs_on_another_interpreter(
+    tmp_path: Path,
+) -> None:
+    kw = {"bin_dir": tmp_path / "b", "conf_dir": tmp_path / "c", "socket": "/s", "spool_dir": "/p"}
+    install(**kw, interpreter="/usr/bin/python3")  # type: ignore[arg-type]
+    plugin = tmp_path / "b" / "podwire"
+    text = plugin.read_text()
+    assert text.startswith("#!/usr/bin/python3 -IS\n") and "marshal.loads(b'" in text
+
+    def version() -> object:
+        out = subprocess.run(
+            [str(plugin)],
+            env={"CNI_COMMAND": "VERSION"},
+            input=b'{"cniVersion": "0.4.0"}',
+            capture_output=True,
+            check=True,
+        ).stdout
+        return json.loads(out)
+
+    want = {"cniVersion": "0.4.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+    assert version() == want
+    # as if the node's python3 were upgraded since: the embedded source is compiled instead
+    plugin.write_text(text.replace("sys.hexversion >> 16 == ", "sys.hexversion >> 16 == 1 + "))
+    assert version() == want

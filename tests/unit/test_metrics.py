@@ -75,6 +75,7 @@ def test_names_labels_and_types_follow_the_conventions() -> None:
         "podwire_rpc_requests": "counter",
         "podwire_rpc_connections_closed": "counter",
         "podwire_rpc_accept_errors": "counter",
+        "podwire_cni_phase_seconds": "histogram",
         "podwire_allocations": "gauge",
         "podwire_service_alive": "gauge",
         "podwire_ready_condition": "gauge",

@@ -59,7 +59,7 @@ def test_cni_env_round_trip_with_wire_names(env: CniEnv) -> None:
 @given(cni_params)
 def test_cni_params_round_trip_through_json(params: CniParams) -> None:
     wire = orjson.loads(orjson.dumps(unstructure(params)))
-    assert set(wire) == {"env", "config"}
+    assert set(wire) == {"env", "config", "trace"}
     assert set(wire["env"]) == set(WIRE_NAMES.values())
     assert structure(wire, CniParams) == params
 
