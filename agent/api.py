@@ -221,6 +221,7 @@ class AgentApi:
                 "path": str(self.cni.checkpoint.path),
                 "writes": self.cni.checkpoint.writes,
             },
+            "deletions": {"rounds": self.cni.deleter.rounds, "links": self.cni.deleter.links},
             "snat": self.snat.status() if self.snat else {"enabled": False},
         }
 

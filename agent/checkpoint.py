@@ -3,19 +3,21 @@
 The file (``state.json``) is the only durable state of the agent; ENI and IP inventory is
 rebuilt from the provider and the kernel at start. It is written before any ADD or DEL is
 answered: serialised on the event loop (a consistent snapshot), then temp file, fsync, rename
-and directory fsync in a worker thread. Concurrent requests share one write (group commit):
+and directory fsync in a worker thread — or on the event loop itself when the file is on a
+tmpfs (what /run is on a systemd host), where the whole write costs less than the hand-off to a
+thread (~0.05 ms against ~0.2 ms). Concurrent requests share one write (group commit):
 a request that changes state while a write is in flight waits for the next write, which covers
 every change made up to its start.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
 import anyio
 import attrs
@@ -76,29 +78,38 @@ _conv.register_unstructure_hook(IPv4Address, str)
 
 
 def encode(snapshot: Snapshot, cache: PlainCache | None = None) -> bytes:
-    """Serialise a snapshot to the file format (``cache`` remembers converted allocations)."""
-    allocations = (cache or PlainCache()).plain(snapshot.allocations)
-    doc = {
-        "version": snapshot.version,
-        "allocations": allocations,
-        "cooling": [_conv.unstructure(c) for c in snapshot.cooling],
-    }
-    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+    """Serialise a snapshot to the file format (``cache`` remembers encoded allocations).
+
+    One allocation per line: the document is assembled from each allocation's JSON, encoded
+    once per allocation (they are frozen), so a commit costs O(changes) encodings.
+    """
+    allocations = (cache or PlainCache()).encoded(snapshot.allocations)
+    cooling = orjson.dumps(
+        [{"ip": str(c.ip), "released_at": c.released_at} for c in snapshot.cooling]
+    )
+    return b"".join(
+        (
+            b'{"version":%d,"allocations":[\n' % snapshot.version,
+            b",\n".join(allocations),
+            b'\n],"cooling":',
+            cooling,
+            b"}\n",
+        )
+    )
 
 
 class PlainCache:
-    """Allocations already converted to plain dicts: they are frozen, so one conversion each
-    is enough, and a commit costs O(changes) conversions instead of O(pods)."""
+    """Allocations already encoded: they are frozen, so one encoding each is enough."""
 
     def __init__(self) -> None:
-        self._plain: dict[Allocation, dict[str, Any]] = {}
+        self._encoded: dict[Allocation, bytes] = {}
 
-    def plain(self, allocations: Iterable[Allocation]) -> list[dict[str, Any]]:
-        old, self._plain = self._plain, {}
+    def encoded(self, allocations: Iterable[Allocation]) -> list[bytes]:
+        old, self._encoded = self._encoded, {}
         for a in allocations:
             got = old.get(a)
-            self._plain[a] = got if got is not None else _conv.unstructure(a)
-        return list(self._plain.values())
+            self._encoded[a] = got if got is not None else orjson.dumps(_conv.unstructure(a))
+        return list(self._encoded.values())
 
 
 def decode(data: bytes, path: Path = Path("state.json")) -> Snapshot:
@@ -153,11 +164,28 @@ def load(path: Path) -> Snapshot:
     return decode(data, path)
 
 
+_TMPFS_MAGIC = 0x01021994
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+def on_tmpfs(path: Path) -> bool:
+    """Whether ``path`` (a directory) is on a tmpfs; False when it cannot be told."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _Statfs()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return False
+    return (int(buf.f_type) & 0xFFFFFFFF) == _TMPFS_MAGIC
+
+
 class Checkpoint:
     """Group-committed writes of the snapshot that ``take_snapshot`` returns."""
 
     def __init__(self, path: Path, take_snapshot: Callable[[], Snapshot]) -> None:
         self.path = path
+        self._inline: bool | None = None  # write on the event loop (tmpfs); found at first write
         self._take = take_snapshot
         self._wanted = 0  # generation of the newest change
         self._written = 0  # generation covered by the last completed write
@@ -187,7 +215,12 @@ class Checkpoint:
             gen = self._wanted
             try:
                 data = encode(self._take(), self._cache)
-                await anyio.to_thread.run_sync(write_atomically, self.path, data)
+                if self._inline is None:
+                    self._inline = on_tmpfs(self.path.parent)
+                if self._inline:
+                    write_atomically(self.path, data)
+                else:
+                    await anyio.to_thread.run_sync(write_atomically, self.path, data)
                 self.writes += 1
                 self._written = gen
             finally:

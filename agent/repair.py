@@ -13,7 +13,9 @@ is counted (``podwire_gc_repairs_total{kind}``) and published on the event feed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from ipaddress import IPv4Address
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -30,10 +32,54 @@ from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent
 log = logging.getLogger("podwire.repair")
 
 
+K = TypeVar("K")
+
+
+class _Lazy(Mapping[K, PodKey]):
+    """A mapping built on first use."""
+
+    def __init__(self, build: Callable[[], dict[K, PodKey]]) -> None:
+        self._build = build
+        self._map: dict[K, PodKey] | None = None
+
+    def _get(self) -> dict[K, PodKey]:
+        if self._map is None:
+            self._map = self._build()
+        return self._map
+
+    def __getitem__(self, key: K) -> PodKey:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+class _ByIp(Mapping[IPv4Address, PodKey]):
+    """The allocations by address, through the pool's index (O(1), nothing built)."""
+
+    def __init__(self, cni: CniService) -> None:
+        self._cni = cni
+
+    def __getitem__(self, ip: IPv4Address) -> PodKey:
+        key = self._cni.pool.holder(ip)
+        if key is None or key not in self._cni.allocations:
+            raise KeyError(ip)
+        return key
+
+    def __iter__(self) -> Iterator[IPv4Address]:
+        return (a.ip for a in self._cni.allocations.values())
+
+    def __len__(self) -> int:
+        return len(self._cni.allocations)
+
+
 def suspects(
     item: Item,
-    by_ip: dict[IPv4Address, PodKey],
-    by_veth: dict[str, PodKey],
+    by_ip: Mapping[IPv4Address, PodKey],
+    by_veth: Mapping[str, PodKey],
     seen_up: set[str] | None = None,
 ) -> dict[PodKey, str]:
     """Allocations an event batch may have damaged, each with what happened.
@@ -58,7 +104,7 @@ def suspects(
         elif isinstance(e, RuleEvent):
             ip = e.src if e.priority == RULE_FROM_PRIORITY else e.dst
             pod_rule = e.priority in (RULE_TO_PRIORITY, RULE_FROM_PRIORITY)
-            if e.kind == "del" and pod_rule and ip in by_ip:
+            if e.kind == "del" and pod_rule and ip is not None and ip in by_ip:
                 found[by_ip[ip]] = "rule"
         elif isinstance(e, LinkEvent) and e.name.startswith(HOST_VETH_PREFIX):
             if e.kind == "del":
@@ -94,11 +140,12 @@ class Repairer:
         return f"<Repairer pending={len(self._pending)} repairs={self.repairs}>"
 
     def on_watch(self, item: Item) -> None:
-        """Watcher callback (synchronous, never blocks)."""
-        allocs = self.cni.allocations.values()
-        found = suspects(
-            item, {a.ip: a.key for a in allocs}, {a.host_veth: a.key for a in allocs}, self._seen_up
-        )
+        """Watcher callback (synchronous, never blocks). The lookups are built only when an
+        event may concern a pod: most batches (a pod's own ADD or DEL) need none."""
+        allocs = self.cni.allocations
+        by_ip = _ByIp(self.cni)
+        by_veth = _Lazy(lambda: {a.host_veth: k for k, a in allocs.items()})
+        found = suspects(item, by_ip, by_veth, self._seen_up)
         if found:
             self._pending.update(found)
             self._wake.set()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from agent.checkpoint import (
     decode,
     encode,
     load,
+    on_tmpfs,
     remove_stale_temps,
 )
 
@@ -94,3 +96,14 @@ def test_stale_temp_files_of_killed_agents_are_removed(tmp_path: Path) -> None:
     other.write_text("x")
     assert sorted(remove_stale_temps(path)) == sorted(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "state.json"]
+
+
+@pytest.mark.anyio
+async def test_on_tmpfs_the_write_is_made_on_the_event_loop(tmp_path: Path) -> None:
+    if not on_tmpfs(Path("/dev/shm")):
+        pytest.skip("no tmpfs at /dev/shm")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        for where, inline in ((Path(shm), True), (tmp_path, on_tmpfs(tmp_path))):
+            cp = Checkpoint(where / "state.json", lambda: Snapshot(allocations=(A,)))
+            await cp.commit()
+            assert cp._inline is inline and load(cp.path).allocations == (A,)
