@@ -72,7 +72,7 @@ Observe = Callable[[str, str, float], None]
 class Traces:
     """Starts and finishes traces; keeps the last ``keep`` finished ones."""
 
-    def __init__(self, *, keep: int = 4096, observe: Observe | None = None) -> None:
+    def __init__(self, *, keep: int = 1024, observe: Observe | None = None) -> None:
         self._ring: collections.deque[Trace] = collections.deque(maxlen=keep)
         self._observe = observe
 

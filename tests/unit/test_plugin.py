@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,8 @@ def test_reply_handling(tmp_path: Path, reply: bytes, code: int, out: bytes | No
         assert json.loads(printed)["code"] == 999
     request = json.loads(got[0])  # one line, valid JSON, config passed through
     assert request["method"] == "cni.add" and request["params"]["env"]["CNI_ARGS"] == "A=1"
+    start, connected = request["params"]["trace"]  # the phase trace's stamps (ns)
+    assert podwire.T_START == start <= connected <= time.monotonic_ns()
     assert request["params"]["config"]["name"] == "podwire" and got[0].count(b"\n") == 1
 
 
