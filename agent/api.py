@@ -85,6 +85,7 @@ class AgentApi:
         provider: Any = None,
         refiller: Any = None,
         ranges: Any = None,
+        kube: Any = None,
     ) -> None:
         self.cni = cni
         self.cfg = cfg
@@ -95,6 +96,7 @@ class AgentApi:
         self.provider = provider
         self.refiller = refiller
         self.ranges = ranges
+        self.kube = kube
         self.started_at = time.time()
         self.traces = Traces(observe=self.metrics.observe_phase)
 
@@ -131,6 +133,10 @@ class AgentApi:
             return self.metrics.text().decode()
         if method == "agent.pool":
             return self.pool()
+        if method == "agent.kube":
+            if self.kube is None:
+                return {"enabled": False}
+            return {"enabled": True, **self.kube.status()}
         if method == "agent.config":
             return [
                 {"setting": name, "value": value, "source": source}

@@ -38,6 +38,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except CheckpointCorrupt as e:
         print(f"podwire-agent: {e}", file=sys.stderr)
         return 3
+    except config_mod.ConfigError as e:  # found at start (credentials a setting names)
+        print(f"podwire-agent: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     return 0

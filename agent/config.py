@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network, ip_address
@@ -63,6 +64,9 @@ class ProviderSection:
 class StaticSection:
     cidrs: tuple[IPv4Network, ...] = ()
     reserved: tuple[IPv4Address, ...] = ()
+    # "config": the cidrs above; "node": the Node's spec.podCIDRs (GKE routes-based, kubenet),
+    # followed as they change (needs [kubernetes] enabled)
+    source: Literal["config", "node"] = "config"
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +170,22 @@ class GceSection:
 
 
 @attrs.frozen(kw_only=True)
+class KubernetesSection:
+    # The agent's own view of the cluster: its node's pods, its Node, and with security groups
+    # for pods the SecurityGroupPolicy objects and the ServiceAccounts their selectors need.
+    # Off, podwire is a complete CNI without the API (groups from annotations only).
+    enabled: bool = False
+    kubeconfig: str = ""  # "": in-cluster, the pod's service account
+    service_account_dir: str = "/var/run/secrets/kubernetes.io/serviceaccount"
+    node_name: str = ""  # "": $NODE_NAME (the DaemonSet sets it from spec.nodeName), hostname
+    request_timeout: float = 10.0
+    watch_session: float = 300.0  # each watch is re-made from its resourceVersion this often
+    retry_base: float = 1.0  # backoff while the API server cannot be reached
+    retry_cap: float = 30.0
+    pod_wait: float = 5.0  # an ADD waits this long for its pod to reach the agent's cache
+
+
+@attrs.frozen(kw_only=True)
 class GcSection:
     # Garbage collection: looks every interval, and at once when a pod's host veth vanishes.
     interval: float = 60.0
@@ -187,6 +207,7 @@ class Config:
     aws: AwsSection = AwsSection()
     gc: GcSection = GcSection()
     gce: GceSection = GceSection()
+    kubernetes: KubernetesSection = KubernetesSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -213,6 +234,7 @@ SECTIONS: dict[str, type[Any]] = {
     "aws": AwsSection,
     "gc": GcSection,
     "gce": GceSection,
+    "kubernetes": KubernetesSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
@@ -365,8 +387,14 @@ def _check(cfg: Config) -> None:
         raise ConfigError("agent.socket", "must be an absolute path")
     if cfg.ipam.cooldown < 0:
         raise ConfigError("ipam.cooldown", "must not be negative")
-    if cfg.provider.kind == "static" and not cfg.static.cidrs:
+    if cfg.provider.kind == "static" and cfg.static.source == "config" and not cfg.static.cidrs:
         raise ConfigError("static.cidrs", "the static provider needs at least one pod CIDR")
+    if cfg.static.source == "node":
+        if not cfg.kubernetes.enabled:
+            raise ConfigError("static.source", '"node" needs kubernetes.enabled')
+        if cfg.static.cidrs:
+            raise ConfigError("static.cidrs", 'must be empty with static.source = "node"')
+    _check_kubernetes(cfg.kubernetes)
     _check_health(cfg.health)
     _check_cni(cfg.cni)
     _check_gce(cfg.gce)
@@ -375,6 +403,27 @@ def _check(cfg: Config) -> None:
         for m in nets[i + 1 :]:
             if n.overlaps(m):
                 raise ConfigError("static.cidrs", f"{n} overlaps {m}")
+
+
+def _check_kubernetes(k: KubernetesSection) -> None:
+    for setting, value in (
+        ("kubernetes.request_timeout", k.request_timeout),
+        ("kubernetes.watch_session", k.watch_session),
+        ("kubernetes.retry_base", k.retry_base),
+    ):
+        if value <= 0:
+            raise ConfigError(setting, "must be positive")
+    if k.retry_cap < k.retry_base:
+        raise ConfigError("kubernetes.retry_cap", "must be at least kubernetes.retry_base")
+    if k.pod_wait < 0:
+        raise ConfigError("kubernetes.pod_wait", "must not be negative")
+
+
+def node_name(k: KubernetesSection, environ: Mapping[str, str] | None = None) -> str:
+    """The Node this agent runs on: the setting, else $NODE_NAME, else the hostname as kubelet
+    registers it (lower case)."""
+    env = os.environ if environ is None else environ
+    return k.node_name or env.get("NODE_NAME", "") or socket.gethostname().lower()
 
 
 def _check_health(h: HealthSection) -> None:

@@ -206,6 +206,65 @@ def show_health(h: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_kube(k: dict[str, Any]) -> str:
+    if not k.get("enabled"):
+        return "kubernetes: off ([kubernetes] enabled = false)"
+    import time
+
+    now = time.time()
+    rows = [
+        (
+            w["name"],
+            "yes" if w["synced"] else "no",
+            "yes"
+            if w["connected"]
+            else f"NO ({_age(now - w['disconnected_since'])})"
+            if w["disconnected_since"]
+            else "NO",
+            w["objects"],
+            w["resource_version"],
+            w["lists"],
+            w["expired"],
+            w["errors"],
+            w["last_error"][:60],
+        )
+        for w in k["watches"]
+    ]
+    lines = [f"node: {k['node']}", ""]
+    lines.append(
+        table(
+            rows,
+            (
+                "watch",
+                "synced",
+                "connected",
+                "objects",
+                "rv",
+                "lists",
+                "410s",
+                "errors",
+                "last error",
+            ),
+        )
+    )
+    for section in ("groups",):
+        if section in k:
+            lines.append("")
+            lines.append(show_groups(k[section]))
+    return "\n".join(lines)
+
+
+def show_groups(g: dict[str, Any]) -> str:
+    """Pods whose security groups the cluster now resolves differently from what they run with."""
+    rows = [
+        (r["pod"], ",".join(r["running"]) or "-", ",".join(r["resolved"]) or "-", r["state"])
+        for r in g.get("pods", [])
+    ]
+    if not rows:
+        return "security groups: every pod runs with the groups the cluster resolves for it"
+    return table(rows, ("pod", "running", "resolved", "state"))
+
+
 # command -> (method, params from args, renderer)
 COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "status": ("agent.status", lambda a: None, show_status),
@@ -218,6 +277,7 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "health": ("agent.health", lambda a: None, show_health),
     "snat": ("agent.snat", lambda a: None, show_snat_line),
     "metrics": ("agent.metrics", lambda a: None, str),
+    "kube": ("agent.kube", lambda a: None, show_kube),
 }
 
 
@@ -252,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
         "snat", parents=[common], help="SNAT backend and state; switch external SNAT"
     )
     sn.add_argument("--external", choices=("on", "off"), help="switch external SNAT at run time")
+    sub.add_parser(
+        "kube", parents=[common], help="the agent's watches of its cluster (kubernetes source)"
+    )
     ev = sub.add_parser("events", parents=[common], help="what the agent did recently")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return p

@@ -30,7 +30,7 @@ from agent.api import MUTATING, AgentApi
 from agent.cni import spool
 from agent.cni.datapath import ThreadedDatapath
 from agent.cni.service import CniService
-from agent.config import Config, pool_targets
+from agent.config import Config, ConfigError, node_name, pool_targets
 from agent.events import EventBus
 from agent.gc import GcPolicy, GcService, KernelGc
 from agent.health import (
@@ -60,9 +60,13 @@ log = logging.getLogger("podwire.agent")
 
 
 async def open_provider(
-    cfg: Config, stack: AsyncExitStack, watcher: Watcher, metrics: Metrics
+    cfg: Config, stack: AsyncExitStack, watcher: Watcher, metrics: Metrics, kube: Any = None
 ) -> Provider:
     """The configured provider; an aws provider's clients live as long as ``stack``."""
+    if cfg.provider.kind == "static" and cfg.static.source == "node":
+        from agent.kube.ranges import NodePodCidrs
+
+        return NodePodCidrs(kube, cfg.static.reserved)
     if cfg.provider.kind == "static":
         return StaticProvider(cfg.static.cidrs, cfg.static.reserved)
     if cfg.provider.kind == "gce":
@@ -132,6 +136,7 @@ async def _restore_until_reachable(
     datapath: ThreadedDatapath,
     events: EventBus,
     snapshot: ckpt.Snapshot,
+    kube: Any = None,
 ) -> tuple[Provider, CniService, list[tuple[ckpt.Allocation, str]]]:
     """Open the provider and restore state, retrying with backoff while the cloud cannot be
     reached: the agent stays alive (liveness) and says why it is not ready (readiness)."""
@@ -139,7 +144,7 @@ async def _restore_until_reachable(
     while True:
         attempt = AsyncExitStack()
         try:
-            provider = await open_provider(cfg, attempt, watcher, metrics)
+            provider = await open_provider(cfg, attempt, watcher, metrics, kube)
             cni = CniService(
                 pool=IpPool(cooldown=cfg.ipam.cooldown),
                 datapath=datapath,
@@ -274,6 +279,7 @@ async def run(
     events, health, metrics, stats = EventBus(), Health(), Metrics(), ServerStats()
     watcher = Watcher()
     snapshot = ckpt.load(cfg.state_path)
+    kube_client = open_kube_client(cfg) if cfg.kubernetes.enabled else None
     try:
         async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, tg.cancel_scope)
@@ -290,8 +296,11 @@ async def run(
             )
             await tg.start(notify.serve_watchdog, health)
             await tg.start(health.run, "netlink-watcher", watcher.serve)
+            kube = None
+            if kube_client is not None:
+                kube = await _start_kube(cfg, stack, tg, health, metrics, kube_client)
             provider, cni, dropped = await _restore_until_reachable(
-                cfg, stack, watcher, metrics, health, threaded, events, snapshot
+                cfg, stack, watcher, metrics, health, threaded, events, snapshot, kube
             )
             watcher.add_immediate_callback(cni.deleter.on_events)
             await tg.start(health.run, "veth-deleter", cni.run)
@@ -328,11 +337,12 @@ async def run(
                 pool_refiller = await _start_aws_services(
                     cfg, tg, health, cni, provider, pool_changed
                 )
-            if provider.name == "gce":
+            if provider.name == "gce" or hasattr(provider, "watch_ranges"):
                 follower = RangeFollower(
                     cni.pool, cast(RangeSource, provider), on_change=pool_changed, events=events
                 )
-                range_follower = await tg.start(health.run, "alias-ranges", follower.run)
+                name = "alias-ranges" if provider.name == "gce" else "node-pod-cidrs"
+                range_follower = await tg.start(health.run, name, follower.run)
             replayed, kept = await spool.replay(Path(cfg.agent.spool_dir), cni.delete)
             if cfg.snat.enabled and (provider.facts().vpc_cidrs or cfg.snat.vpc_cidrs):
                 await tg.start(health.run, "snat", snat.serve)
@@ -367,6 +377,7 @@ async def run(
                 provider=provider,
                 refiller=pool_refiller,
                 ranges=range_follower,
+                kube=kube,
             )
             await tg.start(
                 health.run,
@@ -415,6 +426,60 @@ async def run(
             task_status.started()
     finally:
         datapath.close()
+
+
+def open_kube_client(cfg: Config) -> Any:
+    """The Kubernetes client (``cloud.kube``); raises ConfigError when its credentials cannot
+    be read (a missing kubeconfig, no service account)."""
+    from cloud.kube.client import KubeClient, KubeSettings
+    from cloud.kube.errors import KubeConfigError
+
+    k = cfg.kubernetes
+    settings = KubeSettings(
+        kubeconfig=k.kubeconfig,
+        service_account_dir=k.service_account_dir,
+        request_timeout=k.request_timeout,
+    )
+    try:
+        return KubeClient(settings)
+    except KubeConfigError as e:
+        setting = "kubernetes.kubeconfig" if k.kubeconfig else "kubernetes.service_account_dir"
+        raise ConfigError(setting, e.reason) from None
+
+
+async def _start_kube(
+    cfg: Config,
+    stack: AsyncExitStack,
+    tg: anyio.abc.TaskGroup,
+    health: Health,
+    metrics: Metrics,
+    client: Any,
+) -> Any:
+    """The agent's watches of its cluster (agent/kube), running from now on."""
+    from agent.kube.metrics import KubeCollector
+    from agent.kube.service import KubeService
+    from cloud.kube.client import ClusterCollections
+
+    k = cfg.kubernetes
+    await stack.enter_async_context(client)
+    name = node_name(k)
+    kube = KubeService(
+        ClusterCollections(client),
+        name,
+        policies=sg_policies_wanted(cfg),
+        session=k.watch_session,
+        retry_base=k.retry_base,
+        retry_cap=k.retry_cap,
+    )
+    metrics.registry.register(KubeCollector(kube))
+    log.info("watching the cluster", extra={"server": client.server, "node": name})
+    return await tg.start(health.run, "kubernetes", kube.run)
+
+
+def sg_policies_wanted(cfg: Config) -> bool:
+    """Whether this node needs SecurityGroupPolicy objects (security groups for pods on)."""
+    sg = getattr(cfg, "security_groups", None)
+    return bool(getattr(sg, "enabled", False))
 
 
 def ip_masq_facts_of(provider: Provider, cfg: Config) -> NodeFacts:

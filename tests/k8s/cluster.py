@@ -29,10 +29,14 @@ instance, for IMDS and ENIs) and ``agent`` (the harness node: ``call``, ``ctl``,
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.client
 import json
 import os
+import socket
 import stat
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +44,7 @@ from typing import Any
 
 from cloud.emulator import Vpc
 from cloud.emulator.api import Node as VpcNode
+from cloud.emulator.netns import call_in_netns
 from cloud.emulator.netns import cleanup as emulator_cleanup
 from tests.cri import Containerd, Cri, NodeHost, cleanup_stale, install_into, wait_for
 from tests.harness import Node
@@ -55,6 +60,10 @@ VPC_CIDR = "10.0.0.0/16"
 STATIC_POD_CIDR = "10.0.64.0/24"
 AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 STARTUP = 180.0  # generous: two cores shared with other test runs
+# The podwire agents' identity in the cluster (deploy/kubernetes/serviceaccount.yaml): its requests
+# are audited, so a test can hold the RBAC of deploy/kubernetes/rbac.yaml to what is used.
+AGENT_SERVICE_ACCOUNT = ("kube-system", "podwire-agent")
+AUDITED = (f"system:serviceaccount:{AGENT_SERVICE_ACCOUNT[0]}:{AGENT_SERVICE_ACCOUNT[1]}",)
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -97,10 +106,11 @@ class ControlPlane:
             user=user,
         )
 
-    def _start(self, name: str, argv: list[str]) -> None:
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        self.host.popen(argv, stdout=log, stderr=log)
+        proc = self.host.popen(argv, stdout=log, stderr=log)
         log.close()
+        return proc
 
     def start(self) -> None:
         self._start(
@@ -118,43 +128,8 @@ class ControlPlane:
                 "--logger=zap",
             ],
         )
+        self.start_apiserver()
         pki = self.pki
-        kubelet_client = pki.issue(
-            "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", orgs=("system:masters",)
-        )
-        self._start(
-            "kube-apiserver",
-            [
-                str(self.kube.bin("kube-apiserver")),
-                "--etcd-servers=http://127.0.0.1:2379",
-                f"--advertise-address={self.ip}",
-                f"--bind-address={self.ip}",
-                f"--secure-port={API_PORT}",
-                f"--cert-dir={self.dir / 'apiserver'}",
-                f"--tls-cert-file={self.serving.cert}",
-                f"--tls-private-key-file={self.serving.key}",
-                f"--client-ca-file={pki.ca}",
-                f"--kubelet-client-certificate={kubelet_client.cert}",
-                f"--kubelet-client-key={kubelet_client.key}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki.sa_pub}",
-                f"--service-account-signing-key-file={pki.sa_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=NodeRestriction",
-                "--allow-privileged=true",
-                "--profiling=false",
-                "--v=1",
-            ],
-        )
-        wait_for(
-            "kube-apiserver ready",
-            self._ready,
-            STARTUP,
-            on_fail=lambda: (
-                _log_tail(self.dir / "kube-apiserver.log") + "\n" + _log_tail(self.dir / "etcd.log")
-            ),
-        )
         kcm = self.kubeconfig("kube-controller-manager", user="system:kube-controller-manager")
         self._start(
             "kube-controller-manager",
@@ -188,6 +163,104 @@ class ControlPlane:
             STARTUP,
             on_fail=lambda: _log_tail(self.dir / "kube-controller-manager.log"),
         )
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver and wait until it is ready. Requests of the identities in
+        ``AUDITED`` are written to ``audit.log`` (JSON lines, metadata only)."""
+        pki = self.pki
+        kubelet_client = pki.issue(
+            "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", orgs=("system:masters",)
+        )
+        self.audit_log = self.dir / "audit.log"
+        policy = self.dir / "audit-policy.json"
+        policy.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [
+                        {"level": "Metadata", "users": list(AUDITED)},
+                        {"level": "None"},
+                    ],
+                }
+            )
+        )
+        self.apiserver = self._start(
+            "kube-apiserver",
+            [
+                str(self.kube.bin("kube-apiserver")),
+                "--etcd-servers=http://127.0.0.1:2379",
+                f"--advertise-address={self.ip}",
+                f"--bind-address={self.ip}",
+                f"--secure-port={API_PORT}",
+                f"--cert-dir={self.dir / 'apiserver'}",
+                f"--tls-cert-file={self.serving.cert}",
+                f"--tls-private-key-file={self.serving.key}",
+                f"--client-ca-file={pki.ca}",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true",
+                "--profiling=false",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
+                "--v=1",
+            ],
+        )
+        wait_for(
+            "kube-apiserver ready",
+            self._ready,
+            STARTUP,
+            on_fail=lambda: (
+                _log_tail(self.dir / "kube-apiserver.log") + "\n" + _log_tail(self.dir / "etcd.log")
+            ),
+        )
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM: it closes its connections, watches included)."""
+        self.host.stop(self.apiserver)
+
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit events written so far (see ``start_apiserver``)."""
+        try:
+            text = self.audit_log.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to its current revision (what the API server does every
+        five minutes): a watch from any older resourceVersion that reaches etcd gets 410 Gone.
+        Returns the revision."""
+
+        def post(path: str, body: dict[str, Any]) -> Any:
+            sock = call_in_netns(
+                self.vnode.netns_path, lambda: socket.create_connection(("127.0.0.1", 2379), 10)
+            )
+            conn = http.client.HTTPConnection("127.0.0.1", 2379, timeout=30)
+            conn.sock = sock
+            try:
+                conn.request("POST", path, body=json.dumps(body))
+                resp = conn.getresponse()
+                data = json.loads(resp.read())
+            finally:
+                conn.close()
+            if resp.status != 200:
+                raise RuntimeError(f"etcd {path}: {resp.status} {data}")
+            return data
+
+        key = base64.b64encode(b"/registry").decode()
+        revision = int(post("/v3/kv/range", {"key": key, "limit": 1})["header"]["revision"])
+        post("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
 
     def _ready(self) -> bool:
         try:

@@ -23,6 +23,7 @@ from agent import cli
 from agent.config import SECTIONS, VPC_CNI_ALIASES, Config, HealthSection, effective, load
 from agent.health import LIVENESS_PATH, READINESS_PATH
 from cloud.aws_actions import EC2_ACTIONS, TAGGABLE_RESOURCES, api_names, iam_policy
+from cloud.kube.client import ACCESS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -71,24 +72,64 @@ def covered(path: str, mounts: list[str]) -> bool:
 
 def test_manifests_parse_and_are_all_listed() -> None:
     kinds = sorted(d["kind"] for d in docs())
-    assert kinds == ["ConfigMap", "DaemonSet", "Kustomization", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "Kustomization",
+        "ServiceAccount",
+    ]
     for d in docs():
         assert d["apiVersion"] and d["kind"]
-        if d["kind"] != "Kustomization":
+        cluster_scoped = ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
+        if d["kind"] not in ("Kustomization", *cluster_scoped):
             assert d["metadata"]["namespace"] == "kube-system"
     listed = set(kind("Kustomization")["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
 
 
-def test_no_api_access_no_rbac() -> None:
-    # The agent never reads the Kubernetes API: no roles, no token.
-    assert not {d["kind"] for d in docs()} & {
-        "Role",
-        "ClusterRole",
-        "RoleBinding",
-        "ClusterRoleBinding",
+def test_rbac_is_exactly_what_the_agent_uses() -> None:
+    # cloud.kube.client.ACCESS lists every (group, resource, verb) the agent's code uses; the
+    # ClusterRole grants those and nothing else, to the DaemonSet's service account
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in kind("ClusterRole")["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no URLs
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    assert granted == {k: set(v) for k, v in ACCESS.items()}
+    binding = kind("ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": kind("ClusterRole")["metadata"]["name"],
     }
+    sa = kind("ServiceAccount")["metadata"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}
+    ]
+    # the account's token is mounted by the pod spec only (never into other pods using it)
     assert kind("ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_security_group_policy_crd_is_eks_api() -> None:
+    crd = kind("CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "securitygrouppolicies.vpcresources.k8s.aws"
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"], spec["names"]["kind"]) == (
+        "vpcresources.k8s.aws",
+        "Namespaced",
+        "SecurityGroupPolicy",
+    )
+    assert spec["names"]["shortNames"] == ["sgp"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1beta1" and version["served"] and version["storage"]
+    props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert set(props) == {"podSelector", "serviceAccountSelector", "securityGroups"}
+    groups = props["securityGroups"]["properties"]["groupIds"]
+    assert (groups["minItems"], groups["maxItems"]) == (1, 5)
 
 
 def test_daemonset_scheduling(pod: dict[str, Any]) -> None:
@@ -101,7 +142,9 @@ def test_daemonset_scheduling(pod: dict[str, Any]) -> None:
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["serviceAccountName"] == kind("ServiceAccount")["metadata"]["name"]
-    assert pod["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is True  # [kubernetes]: in-cluster credentials
+    env = {e["name"]: e for e in container(pod, "agent")["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
 def test_probes_match_the_health_server(pod: dict[str, Any], tmp_path: Path) -> None:
