@@ -298,7 +298,7 @@ async def run(
             await tg.start(health.run, "netlink-watcher", watcher.serve)
             kube = None
             if kube_client is not None:
-                kube = await _start_kube(cfg, stack, tg, health, metrics, kube_client)
+                kube = await _start_kube(cfg, stack, tg, health, metrics, events, kube_client)
             provider, cni, dropped = await _restore_until_reachable(
                 cfg, stack, watcher, metrics, health, threaded, events, snapshot, kube
             )
@@ -453,6 +453,7 @@ async def _start_kube(
     tg: anyio.abc.TaskGroup,
     health: Health,
     metrics: Metrics,
+    events: EventBus,
     client: Any,
 ) -> Any:
     """The agent's watches of its cluster (agent/kube), running from now on."""
@@ -470,6 +471,7 @@ async def _start_kube(
         session=k.watch_session,
         retry_base=k.retry_base,
         retry_cap=k.retry_cap,
+        events=events,
     )
     metrics.registry.register(KubeCollector(kube))
     log.info("watching the cluster", extra={"server": client.server, "node": name})

@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from agent.events import EventBus
 from cloud.kube.objects import NodeInfo, PodInfo, PolicyObject, ServiceAccountInfo
 from cloud.kube.reflector import ListWatch, Reflector
 from cloud.kube.store import Change, Object, Store
@@ -85,8 +86,10 @@ class KubeService:
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
         wall: Callable[[], float] = time.time,
+        events: EventBus | None = None,
     ) -> None:
         self.collections = collections
+        self.events = events or EventBus()
         self.node_name = node_name
         self.watch_policies = policies
         self.watch_node = node
@@ -143,6 +146,15 @@ class KubeService:
             self._sa_wanted_changed.set()
         event, self._changed = self._changed, anyio.Event()
         event.set()
+        if name in (PODS, NODE):
+            for c in changes:
+                obj = c.new if c.new is not None else c.old
+                self.events.publish(
+                    f"kube.{name.rstrip('s')}",
+                    change=c.kind.value,
+                    name="/".join(p for p in c.key if p),
+                    uid=getattr(obj, "uid", ""),
+                )
         for listener in list(self._listeners):
             try:
                 listener(name, changes)
@@ -236,6 +248,7 @@ class KubeService:
         return {
             "node": self.node_name,
             "watches": [r.status.as_dict() for r in self.reflectors()],
+            "pods": sorted(f"{p.namespace}/{p.name}" for p in self.pods.store),
         }
 
 

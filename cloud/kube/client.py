@@ -25,6 +25,7 @@ import attrs
 import httpx2
 from lightkube import AsyncClient, ConfigError, KubeConfig
 from lightkube.core.exceptions import ApiError
+from lightkube.core.resource import NamespacedResourceG
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.types import OnErrorAction, OnErrorResult, PatchType
 
@@ -221,7 +222,9 @@ class KubeClient:
     async def _list(
         self, resource: Any, namespace: str | None, fields: Mapping[str, str] | None
     ) -> tuple[list[Mapping[str, Any]], str]:
-        it = self._client.list(resource, namespace=namespace or "*", fields=dict(fields or {}))
+        it = self._client.list(
+            resource, namespace=_where(resource, namespace), fields=dict(fields or {})
+        )
         items: list[Mapping[str, Any]] = [dict(x) async for x in it]  # no chunk_size: one page
         return items, it.resourceVersion
 
@@ -231,16 +234,28 @@ class KubeClient:
         namespace: str | None,
         fields: Mapping[str, str] | None,
         resource_version: str,
+        timeout: int,
     ) -> AsyncIterator[tuple[str, Any]]:
+        # lightkube makes the next request itself (from the last resourceVersion) each time the
+        # server ends one after ``timeout``; every error is raised to the reflector
         return aiter(
             self._client.watch(
                 resource,
-                namespace=namespace or "*",
+                namespace=_where(resource, namespace),
                 fields=dict(fields or {}),
                 resource_version=resource_version,
+                server_timeout=timeout,
                 on_error=_raise,
             )
         )
+
+
+def _where(resource: Any, namespace: str | None) -> str | None:
+    """lightkube's namespace argument: ``*`` lists a namespaced resource in all namespaces; a
+    cluster-scoped one takes none."""
+    if namespace:
+        return namespace
+    return "*" if issubclass(resource, NamespacedResourceG) else None
 
 
 def _plural(resource: Any) -> str:
@@ -276,8 +291,12 @@ class Collection(Generic[T]):
             items, rv = await self.client._list(self.resource, self.namespace, self.fields)
         return [self.parse(i) for i in items], rv
 
-    async def watch(self, resource_version: str) -> AsyncGenerator[WatchEvent[T], None]:
-        events = self.client._watch(self.resource, self.namespace, self.fields, resource_version)
+    async def watch(
+        self, resource_version: str, timeout: int
+    ) -> AsyncGenerator[WatchEvent[T], None]:
+        events = self.client._watch(
+            self.resource, self.namespace, self.fields, resource_version, timeout
+        )
         try:
             while True:
                 with _mapped(f"watch {self.name}"):

@@ -2,9 +2,9 @@
 
 Theory of operation. One recovery path, used for everything: a complete, consistent list
 (``ListWatch.list``: one response, never pages, so it is whole or it is an error) replaces the
-store, then a watch from the list's resourceVersion applies every event. The watch runs in
-sessions of about ``session`` seconds (jittered); a session that ends on time resumes from the
-last resourceVersion seen, with no list. Anything else that ends a watch leads back to a list:
+store, then a watch from the list's resourceVersion applies every event. The server ends each
+watch request after about ``session`` seconds (jittered) and the next one resumes from the last
+resourceVersion seen, with no list. Anything else that ends a watch leads back to a list:
 
 * ``Expired`` (410 Gone: the server no longer has the history from our resourceVersion, after a
   compaction, or an API server restart with a fresh cache) — list again at once;
@@ -12,11 +12,11 @@ last resourceVersion seen, with no list. Anything else that ends a watch leads b
   kept as it is and keeps answering readers (``connected`` turns False), and the list is tried
   again after a jittered, doubling delay (``retry_base`` .. ``retry_cap``).
 
-The session deadline also bounds how long a connection that died silently (no FIN, no RST) can
-hold a watch. Because a list only ever replaces the store whole, an object is reported gone
-only when a complete answer lacks it, or a watch says it was deleted; never because a request
-failed half-way. Readers get each batch of changes through ``on_change`` as it is applied (and
-the first, full one when the first list lands).
+A client-side deadline, ``SILENCE`` seconds past the server's, bounds how long a connection
+that died silently (no FIN, no RST) can hold a watch. Because a list only ever replaces the
+store whole, an object is reported gone only when a complete answer lacks it, or a watch says
+it was deleted; never because a request failed half-way. Readers get each batch of changes
+through ``on_change`` as it is applied (the first, full one when the first list lands).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ log = logging.getLogger("podwire.kube")
 
 T = TypeVar("T", bound=Object)
 
+SILENCE = 60.0  # seconds past a watch's server-side timeout before it is taken for dead
+
 
 class ListWatch(Protocol[T]):
     """One collection of the API (a resource, maybe a namespace, maybe a field selector)."""
@@ -47,9 +49,10 @@ class ListWatch(Protocol[T]):
         """The whole collection and the resourceVersion it is current at; raises KubeError."""
         ...
 
-    def watch(self, resource_version: str) -> AsyncGenerator[WatchEvent[T], None]:
-        """Events after ``resource_version``, until cancelled; raises KubeError (Expired for
-        410 Gone)."""
+    def watch(self, resource_version: str, timeout: int) -> AsyncGenerator[WatchEvent[T], None]:
+        """Events after ``resource_version``, until cancelled. The server ends each watch
+        request after ``timeout`` seconds and the source makes the next one from the last
+        resourceVersion by itself. Raises KubeError (Expired for 410 Gone)."""
         ...
 
 
@@ -173,8 +176,11 @@ class Reflector(Generic[T]):
         """Watch sessions, each resuming where the last ended, until an error ends them."""
         while True:
             rv = self.store.resource_version or ""
-            with anyio.move_on_after(self.session * random.uniform(0.8, 1.0)):
-                async with aclosing(self.source.watch(rv)) as events:
+            # the server ends each watch request (jittered, so a fleet does not reconnect in
+            # step); the client-side deadline only catches a connection that died in silence
+            timeout = max(1, round(self.session * random.uniform(0.8, 1.0)))
+            with anyio.move_on_after(timeout + SILENCE):
+                async with aclosing(self.source.watch(rv, timeout)) as events:
                     async for event in events:
                         self.status.events += 1
                         self._connected()

@@ -14,6 +14,7 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cloud.emulator.netns import call_in_netns
@@ -107,3 +108,75 @@ class Api:
             return True
         except NotFound:
             return False
+
+    def apply(self, manifest: Path) -> list[Any]:
+        """Create every object of a YAML manifest (the kinds tests/k8s applies), or replace
+        what exists; wait until a CustomResourceDefinition is established."""
+        import yaml  # PyYAML, installed with the test extra
+
+        made = []
+        for doc in yaml.safe_load_all(manifest.read_text()):
+            if not doc:
+                continue
+            path = collection_path(doc)
+            name = doc["metadata"]["name"]
+            try:
+                made.append(self.create(path, doc))
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                current = self.get(f"{path}/{name}")
+                doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                made.append(self.request("PUT", f"{path}/{name}", doc))
+            if doc["kind"] == "CustomResourceDefinition":
+                self._wait_established(name)
+        return made
+
+    def _wait_established(self, name: str) -> None:
+        import time
+
+        deadline = time.monotonic() + 60
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+        while time.monotonic() < deadline:
+            conditions = self.get(path).get("status", {}).get("conditions") or []
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"CRD {name} not established")
+
+    def token(self, namespace: str, service_account: str, seconds: int = 6 * 3600) -> str:
+        """A bound token for the service account (TokenRequest, as kubelet gets one)."""
+        doc = self.create(
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": seconds},
+            },
+        )
+        return str(doc["status"]["token"])
+
+
+# kind -> (API prefix, plural, namespaced) for what tests/k8s applies from manifests
+KINDS = {
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    "CustomResourceDefinition": (
+        "/apis/apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        False,
+    ),
+    "SecurityGroupPolicy": ("/apis/vpcresources.k8s.aws/v1beta1", "securitygrouppolicies", True),
+    "CNINode": ("/apis/networking.k8s.aws/v1alpha1", "cninodes", False),
+}
+
+
+def collection_path(doc: Mapping[str, Any], namespace: str = "") -> str:
+    """The collection URL of ``doc``'s kind (in its namespace, or ``namespace``)."""
+    prefix, plural, namespaced = KINDS[doc["kind"]]
+    if not namespaced:
+        return f"{prefix}/{plural}"
+    ns = namespace or doc["metadata"].get("namespace") or "default"
+    return f"{prefix}/namespaces/{ns}/{plural}"

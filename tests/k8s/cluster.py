@@ -64,6 +64,8 @@ STARTUP = 180.0  # generous: two cores shared with other test runs
 # are audited, so a test can hold the RBAC of deploy/kubernetes/rbac.yaml to what is used.
 AGENT_SERVICE_ACCOUNT = ("kube-system", "podwire-agent")
 AUDITED = (f"system:serviceaccount:{AGENT_SERVICE_ACCOUNT[0]}:{AGENT_SERVICE_ACCOUNT[1]}",)
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+MANIFESTS = Path(__file__).resolve().parent / "manifests"
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -94,6 +96,11 @@ class ControlPlane:
         admin = self.pki.issue("admin", cn="podwire-test-admin", orgs=("system:masters",))
         self.api = Api(vnode.netns_path, self.ip, API_PORT, ca=str(self.pki.ca), client=admin)
         self.server = f"https://{self.ip}:{API_PORT}"
+        # the agents' credentials as deploy/kubernetes's service account (filled by
+        # install_agent_identity once the API serves): a kubeconfig with its token, and the
+        # files kubelet would mount into its pod (in-cluster credentials)
+        self.agent_kubeconfig = self.dir / "podwire-agent.kubeconfig"
+        self.agent_sa_dir = self.dir / "podwire-agent-sa"
 
     def kubeconfig(self, name: str, *, user: str, groups: Sequence[str] = ()) -> Path:
         """A kubeconfig for ``user`` (in ``groups``) that works from any VPC namespace."""
@@ -162,6 +169,49 @@ class ControlPlane:
             lambda: self.api.exists("/api/v1/namespaces/default/serviceaccounts/default"),
             STARTUP,
             on_fail=lambda: _log_tail(self.dir / "kube-controller-manager.log"),
+        )
+
+    def install_agent_identity(self) -> None:
+        """What deploying podwire puts in the cluster before its agents start: the service
+        account, its RBAC and the SecurityGroupPolicy CRD (deploy/kubernetes, as shipped), and
+        the CNINode CRD EKS would have (tests/k8s/manifests). Then the account's token."""
+        for manifest in (
+            DEPLOY / "serviceaccount.yaml",
+            DEPLOY / "rbac.yaml",
+            DEPLOY / "crd-securitygrouppolicies.yaml",
+            MANIFESTS / "cninode-crd.yaml",
+        ):
+            self.api.apply(manifest)
+        namespace, name = AGENT_SERVICE_ACCOUNT
+        token = self.api.token(namespace, name)
+        self.agent_sa_dir.mkdir(exist_ok=True)
+        (self.agent_sa_dir / "token").write_text(token)
+        (self.agent_sa_dir / "namespace").write_text(namespace)
+        (self.agent_sa_dir / "ca.crt").write_bytes(self.pki.ca.read_bytes())
+        self.agent_kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "podwire-test",
+                            "cluster": {
+                                "server": self.server,
+                                "certificate-authority": str(self.pki.ca),
+                            },
+                        }
+                    ],
+                    "users": [
+                        {"name": name, "user": {"tokenFile": str(self.agent_sa_dir / "token")}}
+                    ],
+                    "contexts": [
+                        {"name": "agent", "context": {"cluster": "podwire-test", "user": name}}
+                    ],
+                    "current-context": "agent",
+                },
+                indent=1,
+            )
         )
 
     def start_apiserver(self) -> None:
@@ -297,13 +347,26 @@ class Worker:
         self.host = NodeHost(Netns(vnode.netns, create=False), unique_name("kw"))
         self.dir = self.host.dir
         self.containerd = Containerd(self.host, sandbox_image=images.pause)
+        # Every agent watches the cluster as deploy/kubernetes's service account: the static
+        # worker's with in-cluster credentials (through the kubernetes Service, i.e. kube-proxy),
+        # taking its pod CIDR from its Node; the aws worker's with a kubeconfig.
+        kube = f'[kubernetes]\nenabled = true\nnode_name = "{name}"\nretry_cap = 5.0\n'
         if provider == "static":
             assert vnode.pod_cidr is not None
+            self.pod_cidr = str(vnode.pod_cidr)
             self.agent = Node(
                 netns=vnode.netns,
                 primary_ip=self.ip,
-                cidrs=(str(vnode.pod_cidr),),
-                extra_config=f'[snat]\nvpc_cidrs = ["{VPC_CIDR}"]\n' + agent_config,
+                cidrs=(),
+                extra_config=f'[snat]\nvpc_cidrs = ["{VPC_CIDR}"]\n'
+                + kube
+                + f'service_account_dir = "{cp.agent_sa_dir}"\n'
+                + agent_config,
+                env={
+                    "PODWIRE_STATIC_SOURCE": "node",
+                    "KUBERNETES_SERVICE_HOST": KUBERNETES_SERVICE_IP,
+                    "KUBERNETES_SERVICE_PORT": "443",
+                },
                 tag=name,
             )
         else:
@@ -317,7 +380,7 @@ class Worker:
                 primary_ip=self.ip,
                 aws=settings,
                 env=AWS_CREDENTIALS,
-                extra_config=agent_config,
+                extra_config=kube + f'kubeconfig = "{cp.agent_kubeconfig}"\n' + agent_config,
                 tag=name,
             )
         install_into(self.agent, self.containerd)
@@ -540,11 +603,19 @@ class Cluster:
                 workers[provider] = worker
             cluster = cls(vpc, cp, workers)
             cp.start()
+            cp.install_agent_identity()
             for worker in workers.values():
                 worker.start_runtime()
                 worker.start_kubelet()
             for worker in workers.values():
                 worker.before_agent = worker.wait_registered()
+                if worker.provider == "static":
+                    # what the node IPAM controller does for a kubenet node: its pod CIDR (the
+                    # VPC routes it there, as GKE's routes-based mode does)
+                    cp.api.patch(
+                        f"/api/v1/nodes/{worker.name}",
+                        {"spec": {"podCIDR": worker.pod_cidr, "podCIDRs": [worker.pod_cidr]}},
+                    )
                 worker.start_proxy()
                 worker.start_agent()
             for worker in workers.values():

@@ -35,7 +35,9 @@ class FakeCollection(Generic[T]):
         objs = [o for o in self.api.objects.values() if self.select(o)]
         return objs, str(self.api.rv)
 
-    async def watch(self, resource_version: str) -> AsyncGenerator[WatchEvent[T], None]:
+    async def watch(
+        self, resource_version: str, timeout: int = 300
+    ) -> AsyncGenerator[WatchEvent[T], None]:
         self.api.check_up("watch")
         self.watches += 1
         self.watch_from.append(resource_version)
@@ -43,7 +45,8 @@ class FakeCollection(Generic[T]):
         if since < self.api.oldest:
             raise Expired("watch", f"too old resource version: {since} ({self.api.oldest})")
         epoch = self.api.cuts
-        while True:
+        ends = anyio.current_time() + timeout  # the server ends the request then
+        while anyio.current_time() < ends:
             for rv, etype, obj in list(self.api.history):
                 if rv > since and (etype is EventType.BOOKMARK or self.select(obj)):
                     since = rv
@@ -52,7 +55,8 @@ class FakeCollection(Generic[T]):
                 raise KubeUnavailable("watch", "connection reset")
             if since < self.api.oldest:
                 raise Expired("watch", "too old resource version")
-            await self.api.wait_change()
+            with anyio.move_on_after(ends - anyio.current_time()):
+                await self.api.wait_change()
 
 
 class FakeApi:

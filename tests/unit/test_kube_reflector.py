@@ -194,7 +194,7 @@ async def test_expired_at_once_does_not_spin(autojump_clock: trio.testing.MockCl
     api = FakeApi()
     r, coll, _rec = make(api)
 
-    async def always_expired(rv: str) -> Any:
+    async def always_expired(rv: str, timeout: int) -> Any:
         from cloud.kube.errors import Expired
 
         raise Expired("watch", "too old")
