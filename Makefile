@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # the runtime of tests/integration/test_containerd.py and tests/k8s
 DEB_PACKAGES += containerd runc
 
-.PHONY: deps system-deps venv test unit integration e2e demo bench bench-datapath lint clean-netns
+.PHONY: deps system-deps venv test unit integration e2e demo bench bench-datapath bench-emulator-sg lint clean-netns
 
 deps: system-deps venv
 
@@ -49,6 +49,10 @@ bench: deps
 # Pod-to-pod TCP/UDP bandwidth (iperf3) for podwire, ptp, bridge and a bare veth; idle agent.
 bench-datapath: deps
 	$(PY) -m bench.datapath
+
+# The emulated VPC's security groups: rule set at 1,000 ENIs, one ENI's change, TCP on/off.
+bench-emulator-sg: deps
+	$(PY) -m bench.emulator_sg
 
 lint: deps
 	$(PY) -m pip install -q ruff mypy

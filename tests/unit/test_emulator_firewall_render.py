@@ -168,9 +168,9 @@ def test_only_groups_in_use_get_chains_and_only_referenced_ones_sets() -> None:
     rs = ruleset(BASE)
     assert "g_sg-unused_in" not in rs.chains
     assert set(rs.sets) == {"m_sg-app"}
-    # eni-c is not on the wire but holds sg-app; addresses are merged into minimal CIDRs.
+    # eni-c is not on the wire but holds sg-app.
     assert rs.sets["m_sg-app"] == frozenset(
-        {Net("10.0.1.11/32"), Net("10.0.1.12/31"), Net("10.0.1.32/28")}
+        {Net("10.0.1.11/32"), Net("10.0.1.12/32"), Net("10.0.1.13/32"), Net("10.0.1.32/28")}
     )
     assert rs.chains["e_eni-b_in"] == (
         "jump g_sg-app_in",
@@ -181,6 +181,18 @@ def test_only_groups_in_use_get_chains_and_only_referenced_ones_sets() -> None:
         {"r1": "e_eni-a_out", "r2": "e_eni-b_out"},
         {"r1": "e_eni-a_in", "r2": "e_eni-b_in"},
     )
+
+
+def test_overlapping_addresses_are_merged_for_the_interval_set() -> None:
+    policy = attrs.evolve(
+        BASE,
+        enis={
+            **BASE.enis,
+            # a static node's pod CIDR that covers another ENI's address
+            "eni-d": Eni(id="eni-d", addresses=(Net("10.0.1.0/28"),), groups=("sg-app",)),
+        },
+    )
+    assert ruleset(policy).sets["m_sg-app"] == frozenset({Net("10.0.1.0/28"), Net("10.0.1.32/28")})
 
 
 def test_an_unknown_group_on_an_eni_is_skipped() -> None:

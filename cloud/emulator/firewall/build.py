@@ -3,6 +3,7 @@ each ENI meets the router (the fabric's ports)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from typing import Any
@@ -12,17 +13,33 @@ from cloud.emulator.firewall.model import ALL, Eni, Group, Policy, Port, Rule, T
 from cloud.emulator.wiring import NodeSpec
 
 
-def _rule(moto_rule: Any) -> Rule:
-    protocol = str(moto_rule.ip_protocol or ALL)
-    low = moto_rule.from_port
-    high = moto_rule.to_port
-    cidr = (moto_rule.ip_range or {}).get("CidrIp")
+# Every API call rebuilds the policy from moto's objects: parsing and building the same
+# values again dominated that cost at a thousand ENIs, so both are memoised by value.
+@functools.lru_cache(maxsize=65536)
+def _net(text: str) -> IPv4Network:
+    return IPv4Network(text, strict=False)
+
+
+@functools.lru_cache(maxsize=65536)
+def _rule_of(
+    protocol: str, low: int | None, high: int | None, cidr: str | None, group: str | None
+) -> Rule:
     return Rule(
         protocol=protocol,
         low=-1 if low is None else int(low),
         high=-1 if high is None else int(high),
-        cidr=IPv4Network(cidr, strict=False) if cidr else None,
-        group=(moto_rule.source_group or {}).get("GroupId"),
+        cidr=_net(cidr) if cidr else None,
+        group=group,
+    )
+
+
+def _rule(moto_rule: Any) -> Rule:
+    return _rule_of(
+        str(moto_rule.ip_protocol or ALL),
+        moto_rule.from_port,
+        moto_rule.to_port,
+        (moto_rule.ip_range or {}).get("CidrIp"),
+        (moto_rule.source_group or {}).get("GroupId"),
     )
 
 
@@ -57,7 +74,7 @@ def desired_policy(
     for eni in backend.enis.values():
         if eni.subnet.vpc_id != vpc_id:
             continue
-        addresses = [IPv4Network(ip) for ip in ec2_rules.private_ips_of(eni)]
+        addresses = [_net(ip) for ip in ec2_rules.private_ips_of(eni)]
         addresses += ec2_rules.prefixes_of(eni)
         addresses += static.get(eni.id, ())
         enis[eni.id] = Eni(

@@ -34,6 +34,8 @@ is a few lines and every counter of an ENI that stays keeps counting.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network, collapse_addresses
@@ -133,6 +135,32 @@ def rule_line(rule: Rule, direction: str) -> str | None:
     return " ".join(parts)
 
 
+@functools.lru_cache(maxsize=8192)
+def _group_lines(rules: tuple[Rule, ...], direction: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    # Memoised by value: every API call rebuilds the policy, and most groups did not change.
+    lines = []
+    refs = set()
+    for rule in rules:
+        line = rule_line(rule, direction)
+        if line is not None:
+            lines.append(line)
+            if rule.group is not None:
+                refs.add(rule.group)
+    return tuple(dict.fromkeys(lines)), frozenset(refs)
+
+
+def _disjoint(nets: list[IPv4Network]) -> frozenset[IPv4Network]:
+    """The networks as interval-set elements: as they are when none overlaps (the allocator
+    sees to that), merged when some do (an interval set refuses overlapping elements)."""
+    found = frozenset(nets)
+    if all(n.prefixlen == 32 for n in found):
+        return found
+    spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in found)
+    if all(a[1] < b[0] for a, b in itertools.pairwise(spans)):
+        return found
+    return frozenset(collapse_addresses(found))
+
+
 def ruleset(policy: Policy) -> Ruleset:
     """Return the kernel objects ``policy`` calls for."""
     chains: dict[str, tuple[str, ...]] = {}
@@ -158,21 +186,16 @@ def ruleset(policy: Policy) -> Ruleset:
     for group_id in sorted(used_groups):
         group = policy.groups[group_id]
         for direction, rules in (("in", group.inbound), ("out", group.outbound)):
-            lines = []
-            for rule in rules:
-                line = rule_line(rule, direction)
-                if line is not None:
-                    lines.append(line)
-                    if rule.group is not None:
-                        referenced.add(rule.group)
-            chains[group_chain(group_id, direction)] = tuple(dict.fromkeys(lines))
+            lines, refs = _group_lines(rules, direction)
+            chains[group_chain(group_id, direction)] = lines
+            referenced |= refs
 
     holders: dict[str, list[IPv4Network]] = {g: [] for g in referenced}
     for eni in policy.enis.values():
         for group_id in eni.groups:
             if group_id in holders:
                 holders[group_id].extend(eni.addresses)
-    sets = {member_set(g): frozenset(collapse_addresses(nets)) for g, nets in holders.items()}
+    sets = {member_set(g): _disjoint(nets) for g, nets in holders.items()}
 
     frame_counters: set[str] = set()
     frame_chains: dict[str, NetdevChain] = {}
