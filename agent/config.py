@@ -186,6 +186,25 @@ class KubernetesSection:
 
 
 @attrs.frozen(kw_only=True)
+class SecurityGroupsSection:
+    # Security groups for pods (aws provider): a trunk ENI, one branch ENI per pod that has
+    # groups (annotations, SecurityGroupPolicy), reached over vlan.eth.<vlan id>.
+    enabled: bool = False  # ENABLE_POD_ENI
+    enforcing_mode: Literal["strict", "standard"] = "strict"  # POD_SECURITY_GROUP_ENFORCING_MODE
+    # "agent": the agent creates and associates branch ENIs itself (the emulator, accounts
+    # allowed to call AssociateTrunkInterface); "controller": EKS's resource controller does,
+    # the agent only wires the branch it names in the pod's vpc.amazonaws.com/pod-eni.
+    branches: Literal["agent", "controller"] = "agent"
+    branch_cooldown: float = 60.0  # a deleted pod's branch waits this long before deletion
+    max_branches: int = 0  # 0: the instance type's branch limit
+    # "vlan": an 802.1Q link (what EC2 needs); "macvlan": for kernels without 802.1Q, where
+    # the VPC tells branches apart by MAC (the emulator on such kernels).
+    branch_link: Literal["vlan", "macvlan"] = "vlan"
+    branch_wait: float = 20.0  # an ADD waits this long for its branch, then answers code 11
+    branch_deadline: float = 120.0  # create + associate, or disassociate + delete
+
+
+@attrs.frozen(kw_only=True)
 class GcSection:
     # Garbage collection: looks every interval, and at once when a pod's host veth vanishes.
     interval: float = 60.0
@@ -208,6 +227,7 @@ class Config:
     gc: GcSection = GcSection()
     gce: GceSection = GceSection()
     kubernetes: KubernetesSection = KubernetesSection()
+    security_groups: SecurityGroupsSection = SecurityGroupsSection()
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property
@@ -235,6 +255,7 @@ SECTIONS: dict[str, type[Any]] = {
     "gc": GcSection,
     "gce": GceSection,
     "kubernetes": KubernetesSection,
+    "security_groups": SecurityGroupsSection,
 }
 
 # Amazon VPC CNI variable -> (setting, converter of its value)
@@ -251,6 +272,9 @@ VPC_CNI_ALIASES: dict[str, str] = {
     "ENABLE_PREFIX_DELEGATION": "aws.prefix_delegation",
     "MAX_ENI": "aws.max_eni",
     "CLUSTER_NAME": "aws.cluster_name",
+    "ENABLE_POD_ENI": "security_groups.enabled",
+    "POD_SECURITY_GROUP_ENFORCING_MODE": "security_groups.enforcing_mode",
+    "BRANCH_ENI_COOLDOWN": "security_groups.branch_cooldown",
 }
 
 
@@ -398,6 +422,7 @@ def _check(cfg: Config) -> None:
     _check_health(cfg.health)
     _check_cni(cfg.cni)
     _check_gce(cfg.gce)
+    _check_security_groups(cfg)
     nets = cfg.static.cidrs
     for i, n in enumerate(nets):
         for m in nets[i + 1 :]:
@@ -446,6 +471,24 @@ def _check_gce(g: GceSection) -> None:
         raise ConfigError("gce.request_timeout", "must be positive")
     if g.retry_base <= 0 or g.retry_cap < g.retry_base:
         raise ConfigError("gce.retry_cap", "retry_base must be positive and retry_cap at least it")
+
+
+def _check_security_groups(cfg: Config) -> None:
+    sg = cfg.security_groups
+    if not sg.enabled:
+        return
+    if cfg.provider.kind != "aws":
+        raise ConfigError("security_groups.enabled", "security groups for pods need provider aws")
+    if sg.branch_cooldown < 0:
+        raise ConfigError("security_groups.branch_cooldown", "must not be negative")
+    if not 0 <= sg.max_branches <= 4094:
+        raise ConfigError("security_groups.max_branches", "must be 0..4094 (0: the type's limit)")
+    if sg.branch_wait < 0 or sg.branch_wait >= cfg.agent.request_timeout:
+        raise ConfigError(
+            "security_groups.branch_wait", "must be at least 0 and below agent.request_timeout"
+        )
+    if sg.branch_deadline <= 0:
+        raise ConfigError("security_groups.branch_deadline", "must be positive")
 
 
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

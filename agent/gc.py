@@ -55,7 +55,8 @@ from agent.cni.spec import PodKey
 from agent.netns_holders import NetnsFact, probe, remove_netns_mount, under
 from netlink.errors import NetlinkError
 from netlink.names import HOST_VETH_PREFIX, host_veth_name
-from netlink.veth import RT_TABLE_MAIN, RULE_FROM_PRIORITY, RULE_TO_PRIORITY, PodNet
+from netlink.requests import RT_TABLE_MAIN
+from netlink.veth import RULE_FROM_PRIORITY, RULE_TO_PRIORITY, PodNet
 from netlink.watcher import Batch, Item, RuleEvent
 
 log = logging.getLogger("podwire.gc")

@@ -26,7 +26,8 @@ from agent.events import EventBus
 from agent.metrics import Metrics
 from netlink.errors import NetlinkError
 from netlink.names import HOST_VETH_PREFIX
-from netlink.veth import RT_TABLE_MAIN, RULE_FROM_PRIORITY, RULE_TO_PRIORITY
+from netlink.requests import RT_TABLE_MAIN
+from netlink.veth import RULE_FROM_PRIORITY, RULE_TO_PRIORITY
 from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent
 
 log = logging.getLogger("podwire.repair")

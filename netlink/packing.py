@@ -108,10 +108,19 @@ def route(
     rtype: int,
     gateway: IPv4Address | None = None,
 ) -> bytes:
-    """RTM_NEWROUTE / RTM_DELROUTE in ``table`` (< 256) through ``oif``: ``dst``/32, or the
-    default route when ``dst`` is None."""
+    """RTM_NEWROUTE / RTM_DELROUTE in ``table`` through ``oif``: ``dst``/32, or the default
+    route when ``dst`` is None. A table past 255 (a branch's, 100 + VLAN id) is RTA_TABLE's
+    alone, with RT_TABLE_COMPAT (252) in the header, as iproute2 sends it."""
     head = _RTMSG.pack(
-        socket.AF_INET, 0 if dst is None else 32, 0, 0, table, proto, scope, rtype, 0
+        socket.AF_INET,
+        0 if dst is None else 32,
+        0,
+        0,
+        table if table < 256 else 252,
+        proto,
+        scope,
+        rtype,
+        0,
     )
     attrs = _u32(RTA_TABLE, table) + _u32(RTA_OIF, oif)
     if dst is not None:

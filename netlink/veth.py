@@ -40,13 +40,11 @@ from typing import ClassVar
 
 import attrs
 from pyroute2.netlink.rtnl import (
-    RTM_DELLINK,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_GETADDR,
     RTM_GETLINK,
     RTM_GETNEIGH,
-    RTM_GETROUTE,
     RTM_GETRULE,
     RTM_NEWADDR,
     RTM_NEWLINK,
@@ -57,11 +55,9 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from netlink import packing
+from netlink import vlan
 from netlink.errors import (
     DatapathClosed,
     HostVethExists,
@@ -72,43 +68,57 @@ from netlink.errors import (
     RequestFailed,
     WireFailed,
 )
-from netlink.names import HOST_VETH_PREFIX
-from netlink.ns import current_netns_fd, is_netns_of, open_netns
+from netlink.names import HOST_VETH_PREFIXES
+from netlink.nftables import Nft
+from netlink.ns import current_netns_fd, entered, is_netns_of, open_netns
+from netlink.requests import (
+    FR_ACT_TO_TBL,
+    GONE_LINK,
+    GONE_ROUTE,
+    GONE_RULE,
+    IFF_UP,
+    LINK_KEEP,
+    LINK_KEEP_KIND,
+    NUD_PERMANENT,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+    Link,
+    delete_group,
+    dellink,
+    getlink,
+    is_route,
+    link_msg,
+    link_up,
+    only_link,
+    parse_link,
+    route_dump,
+    route_req,
+    rule_req,
+    set_group,
+)
 from netlink.rtnl import (
     ACKED,
     CREATE,
     DUMP,
     REPLACE,
     Message,
-    Reply,
     Request,
     Rtnl,
     ThreadSockets,
     opened_in,
 )
+from netlink.vlan import BranchLink
 
 GATEWAY = ipaddress.IPv4Address("169.254.1.1")
 RULE_FROM_PRIORITY = 1536
 RULE_TO_PRIORITY = 512
-RT_TABLE_MAIN = 254
 # The link groups links are parked in just before the whole group is deleted: DELETE_GROUP for
 # delete_links, the next DELETE_LANES for agent.cni.deleter's concurrent rounds. Reserved:
 # nothing else on the node may put a link in them, or the next batch deletes that link too (or,
 # for a link the kernel cannot delete, fails and falls back to one request per link).
 DELETE_GROUP = 0x70770001
 DELETE_LANES = 4
-
-# From <linux/if.h>, neighbour.h, rtnetlink.h and fib_rules.h.
-_IFF_UP = 0x1
-_NUD_PERMANENT = 0x80
-_RTPROT_BOOT = 3
-_RT_SCOPE_UNIVERSE, _RT_SCOPE_LINK, _RT_SCOPE_NOWHERE = 0, 253, 255
-_RTN_UNICAST = 1
-_FR_ACT_TO_TBL = 1
-
-_GONE_LINK = frozenset({errno.ENODEV})
-_GONE_ROUTE = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV})
-_GONE_RULE = frozenset({errno.ENOENT})
 
 
 @attrs.frozen(kw_only=True)
@@ -125,6 +135,17 @@ class PodNet:
     ip: ipaddress.IPv4Address
     mtu: int
     table: int | None = None
+    # A pod with its own branch ENI (security groups for pods): reached through the VLAN link
+    # of ``netlink.vlan``. In strict mode ``table`` is None (no 512/1536 rules, iif rules
+    # instead); in standard mode it is the branch's table.
+    branch: BranchLink | None = None
+
+    @property
+    def host_table(self) -> int:
+        """Where the host route ``ip/32 dev <host veth>`` goes: main, or a strict branch's
+        table."""
+        b = self.branch
+        return b.table if b is not None and b.strict else RT_TABLE_MAIN
 
 
 @attrs.frozen(kw_only=True)
@@ -146,96 +167,11 @@ def _random_mac() -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def _ifinfmsg(*attrs: tuple[str, object], index: int = 0, up: bool = False) -> Message:
-    msg = ifinfmsg()
-    msg["family"] = socket.AF_UNSPEC
-    msg["index"] = index
-    msg["flags"] = msg["change"] = _IFF_UP if up else 0
-    msg["attrs"] = list(attrs)
-    return msg
-
-
-# What _parse_link reads of a link reply: IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK.
-_LINK_KEEP = frozenset({1, 3, 4, 5})
-
-
-def _getlink(op: str, name: str) -> Request:
-    return Request(op, RTM_GETLINK, ACKED, packing.link_by_name(name), keep=_LINK_KEEP)
-
-
-def _dellink(op: str, name: str) -> Request:
-    return Request(op, RTM_DELLINK, ACKED, packing.link_by_name(name))
-
-
-def _set_group(op: str, name: str, group: int) -> Request:
-    return Request(op, RTM_SETLINK, ACKED, packing.link_group(name, group))
-
-
-def _delete_group(op: str, group: int) -> Request:
-    # No index and no name: the kernel deletes every link of the group (rtnl_group_dellink),
-    # ENODEV when there is none.
-    return Request(op, RTM_DELLINK, ACKED, packing.whole_group(group))
-
-
-def _link_up(op: str, index: int) -> Request:
-    return Request(op, RTM_SETLINK, ACKED, packing.link_up(index))
-
-
-def _route_req(
-    op: str,
-    mtype: int,
-    flags: int,
-    *,
-    dst: ipaddress.IPv4Address | None,
-    oif: int,
-    scope: int,
-    gateway: ipaddress.IPv4Address | None = None,
-) -> Request:
-    if mtype == RTM_DELROUTE:
-        # Match whoever's protocol, scope and type; dst and oif pick the route.
-        proto, scope, rtype = 0, _RT_SCOPE_NOWHERE, 0
-    else:
-        proto, rtype = _RTPROT_BOOT, _RTN_UNICAST
-    body = packing.route(
-        table=RT_TABLE_MAIN,
-        oif=oif,
-        dst=dst,
-        scope=scope,
-        proto=proto,
-        rtype=rtype,
-        gateway=gateway,
-    )
-    return Request(op, mtype, flags, body)
-
-
-def _route_dump(oif: int) -> Request:
-    # Strict checking lets the kernel filter by table and device, so a node with a thousand
-    # pods answers with one route, not a thousand.
-    msg = rtmsg()
-    msg["family"] = socket.AF_INET
-    msg["table"] = RT_TABLE_MAIN
-    msg["attrs"] = [("RTA_OIF", oif)]
-    return Request("routes", RTM_GETROUTE, DUMP, msg)
-
-
-def _rule_req(
-    op: str,
-    mtype: int,
-    flags: int,
-    ip: ipaddress.IPv4Address,
-    *,
-    src: bool,
-    table: int,
-    priority: int,
-) -> Request:
-    return Request(op, mtype, flags, packing.rule(ip, src=src, table=table, priority=priority))
-
-
 def _rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:
     if pod.table is None:
         return []
     return [
-        _rule_req(
+        rule_req(
             _rule_from_name(pod),
             mtype,
             flags,
@@ -244,7 +180,7 @@ def _rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:
             table=pod.table,
             priority=RULE_FROM_PRIORITY,
         ),
-        _rule_req(
+        rule_req(
             _rule_to_name(pod),
             mtype,
             flags,
@@ -253,6 +189,25 @@ def _rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:
             table=RT_TABLE_MAIN,
             priority=RULE_TO_PRIORITY,
         ),
+    ]
+
+
+def _host_rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:
+    """The rules wiring adds: 512/1536 for a pod with a table, the iif rules in strict mode."""
+    reqs = _rule_reqs(pod, mtype, flags)
+    b = pod.branch
+    if b is not None and b.strict:
+        reqs += vlan.iif_rules(b, pod.host_veth, mtype, flags)
+    return reqs
+
+
+def _branch_rules_all_modes(pod: PodNet, b: BranchLink) -> list[Request]:
+    """Deletions of every rule either mode makes for a branch pod (a DEL must clean up after a
+    mode switch too, as VPC CNI's teardown does)."""
+    standard = attrs.evolve(pod, table=b.table)
+    return [
+        *_rule_reqs(standard, RTM_DELRULE, ACKED),
+        *vlan.iif_rules(b, pod.host_veth, RTM_DELRULE, ACKED),
     ]
 
 
@@ -265,90 +220,66 @@ def _rule_to_name(pod: PodNet) -> str:
 
 
 def _newveth(pod: PodNet, host_mac: str, host_fd: int) -> Request:
-    body = packing.new_veth(pod.ifname, pod.mtu, pod.host_veth, host_mac, host_fd)
-    return Request("create veth", RTM_NEWLINK, CREATE, body)
+    peer = {
+        "attrs": [
+            ("IFLA_IFNAME", pod.host_veth),
+            ("IFLA_MTU", pod.mtu),
+            ("IFLA_ADDRESS", host_mac),
+            ("IFLA_NET_NS_FD", host_fd),
+        ]
+    }
+    linkinfo = {
+        "attrs": [
+            ("IFLA_INFO_KIND", "veth"),
+            ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
+        ]
+    }
+    msg = link_msg(
+        ("IFLA_IFNAME", pod.ifname),
+        ("IFLA_MTU", pod.mtu),
+        ("IFLA_LINKINFO", linkinfo),
+        up=True,
+    )
+    return Request("create veth", RTM_NEWLINK, CREATE, msg)
 
 
 def _pod_side(pod: PodNet, index: int, host_mac: str) -> list[Request]:
+    addr = ifaddrmsg()
+    addr["family"] = socket.AF_INET
+    addr["prefixlen"] = 32
+    addr["scope"] = RT_SCOPE_UNIVERSE
+    addr["index"] = index
+    addr["attrs"] = [("IFA_LOCAL", str(pod.ip)), ("IFA_ADDRESS", str(pod.ip))]
+    neigh = ndmsg()
+    neigh["family"] = socket.AF_INET
+    neigh["ifindex"] = index
+    neigh["state"] = NUD_PERMANENT
+    neigh["attrs"] = [("NDA_DST", str(GATEWAY)), ("NDA_LLADDR", host_mac)]
     return [
-        Request(
-            f"address {pod.ip}/32 on {pod.ifname}",
-            RTM_NEWADDR,
-            CREATE,
-            packing.address32(index, pod.ip),
-        ),
-        _route_req(
+        Request(f"address {pod.ip}/32 on {pod.ifname}", RTM_NEWADDR, CREATE, addr),
+        route_req(
             f"route {GATEWAY} scope link",
             RTM_NEWROUTE,
             CREATE,
             dst=GATEWAY,
             oif=index,
-            scope=_RT_SCOPE_LINK,
+            scope=RT_SCOPE_LINK,
         ),
         # REPLACE: the kernel may already hold an incomplete entry for the gateway.
-        Request(
-            f"neighbour {GATEWAY}",
-            RTM_NEWNEIGH,
-            REPLACE,
-            packing.permanent_neighbour(index, GATEWAY, host_mac),
-        ),
-        _route_req(
+        Request(f"neighbour {GATEWAY}", RTM_NEWNEIGH, REPLACE, neigh),
+        route_req(
             f"default route via {GATEWAY}",
             RTM_NEWROUTE,
             CREATE,
             dst=None,
             oif=index,
-            scope=_RT_SCOPE_UNIVERSE,
+            scope=RT_SCOPE_UNIVERSE,
             gateway=GATEWAY,
         ),
     ]
 
 
 # --- replies --------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class _Link:
-    index: int
-    flags: int
-    name: str
-    mac: str
-    mtu: int
-    peer_index: int | None
-
-
-def _parse_link(msg: Message) -> _Link:
-    return _Link(
-        index=msg["index"],
-        flags=msg["flags"],
-        name=msg.get_attr("IFLA_IFNAME") or "",
-        mac=msg.get_attr("IFLA_ADDRESS") or "",
-        mtu=msg.get_attr("IFLA_MTU") or 0,
-        peer_index=msg.get_attr("IFLA_LINK"),
-    )
-
-
-def _only_link(reply: Reply) -> _Link | None:
-    for msg in reply.messages:
-        if msg["header"]["type"] == RTM_NEWLINK:
-            return _parse_link(msg)
-    return None
-
-
-def _is_route(
-    msg: Message,
-    dst: ipaddress.IPv4Address | None,
-    gateway: ipaddress.IPv4Address | None,
-    scope: int,
-) -> bool:
-    if msg["type"] != _RTN_UNICAST or msg["scope"] != scope:
-        return False
-    if dst is None:
-        if msg["dst_len"] != 0:
-            return False
-    elif msg["dst_len"] != 32 or msg.get_attr("RTA_DST") != str(dst):
-        return False
-    return gateway is None or msg.get_attr("RTA_GATEWAY") == str(gateway)
 
 
 def _has_address(msg: Message, ip: ipaddress.IPv4Address) -> bool:
@@ -359,7 +290,7 @@ def _has_address(msg: Message, ip: ipaddress.IPv4Address) -> bool:
 
 
 def _is_gateway_neighbour(msg: Message, mac: str | None) -> bool:
-    if msg.get_attr("NDA_DST") != str(GATEWAY) or not msg["state"] & _NUD_PERMANENT:
+    if msg.get_attr("NDA_DST") != str(GATEWAY) or not msg["state"] & NUD_PERMANENT:
         return False
     return mac is None or msg.get_attr("NDA_LLADDR") == mac
 
@@ -369,7 +300,7 @@ def _is_rule(msg: Message, ip: ipaddress.IPv4Address, src: bool, table: int, pri
     if rtable is None:
         rtable = msg["table"]
     prio = msg.get_attr("FRA_PRIORITY") or 0
-    if msg["action"] != _FR_ACT_TO_TBL or rtable != table or prio != priority:
+    if msg["action"] != FR_ACT_TO_TBL or rtable != table or prio != priority:
         return False
     if src:
         return bool(
@@ -396,6 +327,8 @@ class Datapath:
         self._host_fd = current_netns_fd() if host_netns is None else open_netns(host_netns)
         self._own_fd = current_netns_fd()
         self._host_name = host_netns or "(own)"
+        self._host_path = host_netns
+        self._nft_backend: Nft | None = None
         self._sockets = ThreadSockets(self._host_fd)
         self._lock = threading.Lock()
         self._closed = False
@@ -410,6 +343,8 @@ class Datapath:
                 return
             self._closed = True
         self._sockets.close()
+        if self._nft_backend is not None:
+            self._nft_backend.close()
         os.close(self._host_fd)
         os.close(self._own_fd)
 
@@ -442,7 +377,7 @@ class Datapath:
                 created, linked = prtnl.transact(
                     [
                         _newveth(pod, host_mac, self._host_fd),
-                        _getlink("read back veth", pod.ifname),
+                        getlink("read back veth", pod.ifname),
                     ]
                 )
             except RequestFailed as e:
@@ -455,7 +390,7 @@ class Datapath:
             if created.error:
                 raise WireFailed("create veth", created.failure("create veth"))
             try:
-                link = _only_link(linked)
+                link = only_link(linked)
                 if link is None or link.peer_index is None:
                     raise WireFailed("read back veth", linked.failure("read back veth"))
                 try:
@@ -467,7 +402,7 @@ class Datapath:
                 # Deleting the pod end deletes the peer and every route through it; rules were
                 # already removed by _wire_host_side. Best effort: the first error is the news.
                 with contextlib.suppress(NetlinkError):
-                    prtnl.one(_dellink(f"delete {pod.ifname}", pod.ifname))
+                    prtnl.one(dellink(f"delete {pod.ifname}", pod.ifname))
                 raise
             return WiredPod(
                 pod_mac=link.mac,
@@ -484,97 +419,178 @@ class Datapath:
                 raise WireFailed(req.op, reply.failure(req.op))
 
     def _wire_host_side(self, pod: PodNet, host_index: int) -> None:
-        """Bring the host end up, route to the pod, add its rules; on failure remove the rules
-        this call added (the route goes with the link)."""
-        rules = _rule_reqs(pod, RTM_NEWRULE, CREATE)
+        """Bring the host end up, route to the pod, add its rules (and a branch pod's VLAN link,
+        table and strict-mode forward); on failure remove what this call added (routes go with
+        their links)."""
+        hrtnl = self._host()
+        b = pod.branch
+        branch_index = self._make_branch_link(hrtnl, b) if b is not None else None
+        rules = _host_rule_reqs(pod, RTM_NEWRULE, CREATE)
         requests = [
-            _link_up(f"host veth {pod.host_veth} up", host_index),
-            _route_req(
-                f"host route {pod.ip}/32",
+            link_up(f"host veth {pod.host_veth} up", host_index),
+            route_req(
+                f"host route {pod.ip}/32" + (f" table {pod.host_table}" if b else ""),
                 RTM_NEWROUTE,
                 CREATE,
                 dst=pod.ip,
                 oif=host_index,
-                scope=_RT_SCOPE_LINK,
+                scope=RT_SCOPE_LINK,
+                table=pod.host_table,
             ),
             *rules,
         ]
-        hrtnl = self._host()
+        if b is not None and branch_index is not None:
+            requests += vlan.table_routes(b, branch_index, RTM_NEWROUTE, REPLACE)
         replies = hrtnl.transact(requests)
+        failed: NetlinkError | None = None
         for req, reply in zip(requests, replies, strict=True):
             # An identical rule left by an earlier incarnation is the state we want.
             if reply.error and not (req.type == RTM_NEWRULE and reply.error == errno.EEXIST):
-                added = [
-                    undo
-                    for undo, made in zip(
-                        _rule_reqs(pod, RTM_DELRULE, ACKED), replies[2:], strict=True
-                    )
-                    if made.error == 0
-                ]
-                if added:
-                    with contextlib.suppress(NetlinkError):
-                        hrtnl.transact(added)
-                raise WireFailed(req.op, reply.failure(req.op))
+                failed = WireFailed(req.op, reply.failure(req.op))
+                break
+        if failed is None and b is not None and b.strict:
+            try:
+                self._nft_run(vlan.render_local_fwd(pod.host_veth, b))
+            except NetlinkError as e:
+                failed = WireFailed("strict local forward", e)
+        if failed is None:
+            return
+        added = [
+            undo
+            for undo, made in zip(
+                _host_rule_reqs(pod, RTM_DELRULE, ACKED), replies[2 : 2 + len(rules)], strict=True
+            )
+            if made.error == 0
+        ]
+        if b is not None:
+            added.append(dellink(f"delete {b.name}", b.name))
+        with contextlib.suppress(NetlinkError):
+            hrtnl.transact(added)
+        raise failed
+
+    @staticmethod
+    def _make_branch_link(hrtnl: Rtnl, b: BranchLink) -> int:
+        """Create ``vlan.eth.<vid>`` afresh (a link left with that name is deleted first, as
+        VPC CNI does) and return its ifindex. Raises RequestFailed."""
+        gone, made, read = hrtnl.transact(
+            [
+                dellink(f"delete stale {b.name}", b.name),
+                vlan.new_link(b),
+                getlink(f"read back {b.name}", b.name),
+            ]
+        )
+        if gone.error and gone.error not in GONE_LINK:
+            raise gone.failure(f"delete stale {b.name}")
+        if made.error:
+            raise made.failure(f"create {b.name} ({b.kind} on ifindex {b.trunk_index})")
+        link = only_link(read)
+        if link is None:
+            raise read.failure(f"read back {b.name}")
+        return link.index
 
     def repair_host(self, pod: PodNet) -> list[str]:
         """Put back what is missing from a wired pod's host side (veth down, ``ip/32`` route,
-        rules) and return what was put back, in ``check()``'s words; [] when nothing was
-        missing or the host veth itself is gone (then the pod is GC's). Raises WireFailed.
+        rules; a branch pod's VLAN link, table, rules and strict-mode forward) and return what
+        was put back, in ``check()``'s words; [] when nothing was missing or the host veth
+        itself is gone (then the pod is GC's). Raises WireFailed.
         """
         hrtnl = self._host()
         missing: list[str] = []
         host = self._check_host(hrtnl, pod, missing)
         if host is None or not missing:
             return []
+        b = pod.branch
         requests = [
-            _link_up(f"host veth {pod.host_veth} up", host.index),
-            _route_req(
+            link_up(f"host veth {pod.host_veth} up", host.index),
+            route_req(
                 f"host route {pod.ip}/32",
                 RTM_NEWROUTE,
                 REPLACE,
                 dst=pod.ip,
                 oif=host.index,
-                scope=_RT_SCOPE_LINK,
+                scope=RT_SCOPE_LINK,
+                table=pod.host_table,
             ),
-            *_rule_reqs(pod, RTM_NEWRULE, CREATE),
+            *_host_rule_reqs(pod, RTM_NEWRULE, CREATE),
         ]
+        try:
+            if b is not None:
+                link_broken = any(m.startswith(f"link {b.name}") for m in missing)
+                index = self._make_branch_link(hrtnl, b) if link_broken else None
+                if index is None:
+                    read = hrtnl.one(getlink(f"link {b.name}", b.name))
+                    found = only_link(read)
+                    if found is None:
+                        raise read.failure(f"link {b.name}")
+                    index = found.index
+                requests += vlan.table_routes(b, index, RTM_NEWROUTE, REPLACE)
+        except RequestFailed as e:
+            raise WireFailed(e.op, e) from e
         for req, r in zip(requests, hrtnl.transact(requests), strict=True):
             if r.error and not (req.type == RTM_NEWRULE and r.error == errno.EEXIST):
                 raise WireFailed(req.op, r.failure(req.op))
+        if b is not None and b.strict:
+            try:
+                self._nft_run(vlan.render_local_fwd(pod.host_veth, b))
+            except NetlinkError as e:
+                raise WireFailed("strict local forward", e) from e
         return missing
 
     # -- unwiring --
 
     def unwire_host(self, pod: PodNet) -> None:
-        """Remove the pod's host route and rules. Idempotent: what is gone already is fine.
+        """Remove the pod's host route and rules (a branch pod's: both modes' rules, its
+        strict-mode forward, and its VLAN link set down; the caller deletes that link).
+        Idempotent: what is gone already is fine.
 
         Raises RequestFailed for any other kernel error.
         """
         hrtnl = self._host()
-        link = hrtnl.one(_getlink(f"host veth {pod.host_veth}", pod.host_veth))
-        host = _only_link(link)
-        if link.error and link.error not in _GONE_LINK:
+        link = hrtnl.one(getlink(f"host veth {pod.host_veth}", pod.host_veth))
+        host = only_link(link)
+        if link.error and link.error not in GONE_LINK:
             raise link.failure(f"host veth {pod.host_veth}")
-        requests = _rule_reqs(pod, RTM_DELRULE, ACKED)
+        b = pod.branch
+        requests = _rule_reqs(pod, RTM_DELRULE, ACKED) if b is None else []
+        if b is not None:
+            requests += _branch_rules_all_modes(pod, b)
+            # Down at once, so nothing reaches the pod's old address meanwhile; deleting a
+            # link waits in the kernel, so the caller batches the deletion.
+            requests.append(
+                Request(
+                    f"{b.name} down",
+                    RTM_SETLINK,
+                    ACKED,
+                    link_msg(("IFLA_IFNAME", b.name), down=True),
+                )
+            )
         if host is not None:
             # Matching the oif: the IP may already route to another pod (a replayed DEL).
-            requests.insert(
-                0,
-                _route_req(
-                    f"host route {pod.ip}/32",
+            tables = [RT_TABLE_MAIN] if b is None else [RT_TABLE_MAIN, b.table]
+            requests[:0] = [
+                route_req(
+                    f"host route {pod.ip}/32 table {table}",
                     RTM_DELROUTE,
                     ACKED,
                     dst=pod.ip,
                     oif=host.index,
-                    scope=_RT_SCOPE_LINK,
-                ),
-            )
-        if not requests:
-            return
-        for req, reply in zip(requests, hrtnl.transact(requests), strict=True):
-            gone = _GONE_RULE if req.type == RTM_DELRULE else _GONE_ROUTE
-            if reply.error and reply.error not in gone:
-                raise reply.failure(req.op)
+                    scope=RT_SCOPE_LINK,
+                    table=table,
+                )
+                for table in tables
+            ]
+        if requests:
+            for req, reply in zip(requests, hrtnl.transact(requests), strict=True):
+                if req.type == RTM_DELRULE:
+                    gone = GONE_RULE
+                elif req.type == RTM_SETLINK:
+                    gone = GONE_LINK
+                else:
+                    gone = GONE_ROUTE
+                if reply.error and reply.error not in gone:
+                    raise reply.failure(req.op)
+        if b is not None:
+            self._nft_run(vlan.render_local_fwd_removal([pod.host_veth]))
 
     def delete_link(self, host_veth: str) -> None:
         """Delete a veth pair by its host end. Idempotent (``delete_links`` of one name).
@@ -620,18 +636,18 @@ class Datapath:
         requests: list[Request] = []
         for name in wanted:
             requests += [
-                _set_group(f"delete {name}", name, group),
-                _getlink(f"read back {name}", name),
+                set_group(f"delete {name}", name, group),
+                getlink(f"read back {name}", name),
             ]
         replies = hrtnl.transact(requests)
         parked: dict[str, int] = {}
         failed: dict[str, RequestFailed] = {}
         for name, moved, read in zip(wanted, replies[::2], replies[1::2], strict=True):
             if moved.error:
-                if moved.error not in _GONE_LINK:
+                if moved.error not in GONE_LINK:
                     failed[name] = moved.failure(f"delete {name}")
                 continue
-            link = _only_link(read)
+            link = only_link(read)
             if link is not None:
                 parked[name] = link.index
         return parked, failed
@@ -645,8 +661,8 @@ class Datapath:
         if not names:
             return
         hrtnl = self._host()
-        reply = hrtnl.one(_delete_group("delete link group", group))
-        if reply.error and reply.error not in _GONE_LINK:
+        reply = hrtnl.one(delete_group("delete link group", group))
+        if reply.error and reply.error not in GONE_LINK:
             failed = [reply.failure("delete link group")]
             failed[:0] = self._delete_one_by_one(hrtnl, list(names))
             raise failed[0]
@@ -658,12 +674,12 @@ class Datapath:
         and put the ones that stay back in the default group, so they do not poison the next
         batch. Return the failures."""
         failed: list[RequestFailed] = []
-        requests = [_dellink(f"delete {name}", name) for name in names]
+        requests = [dellink(f"delete {name}", name) for name in names]
         stuck: list[Request] = []
         for req, reply, name in zip(requests, hrtnl.transact(requests), names, strict=True):
-            if reply.error and reply.error not in _GONE_LINK:
+            if reply.error and reply.error not in GONE_LINK:
                 failed.append(reply.failure(req.op))
-                stuck.append(_set_group(f"reset group of {name}", name, 0))
+                stuck.append(set_group(f"reset group of {name}", name, 0))
         if stuck:
             with contextlib.suppress(NetlinkError):
                 hrtnl.transact(stuck)
@@ -677,10 +693,10 @@ class Datapath:
         """
         try:
             with opened_in(netns) as prtnl:
-                reply = prtnl.one(_dellink(f"delete {ifname}", ifname))
+                reply = prtnl.one(dellink(f"delete {ifname}", ifname))
         except (NetnsNotFound, NotANetns):
             return
-        if reply.error and reply.error not in _GONE_LINK:
+        if reply.error and reply.error not in GONE_LINK:
             raise reply.failure(f"delete {ifname}")
 
     # -- inspection --
@@ -698,19 +714,18 @@ class Datapath:
             self._check_pod(prtnl, pod, host, problems)
         return problems + host_problems
 
-    @staticmethod
-    def _check_host(hrtnl: Rtnl, pod: PodNet, problems: list[str]) -> _Link | None:
-        reply = hrtnl.one(_getlink("host veth", pod.host_veth))
-        host = _only_link(reply)
-        if reply.error and reply.error not in _GONE_LINK:
+    def _check_host(self, hrtnl: Rtnl, pod: PodNet, problems: list[str]) -> Link | None:
+        reply = hrtnl.one(getlink("host veth", pod.host_veth))
+        host = only_link(reply)
+        if reply.error and reply.error not in GONE_LINK:
             raise reply.failure(f"host veth {pod.host_veth}")
         if host is None:
             problems += [f"host veth {pod.host_veth}", f"host route {pod.ip}/32"]
         else:
-            if not host.flags & _IFF_UP:
+            if not host.flags & IFF_UP:
                 problems.append(f"link {pod.host_veth} down")
-            routes = hrtnl.dump(_route_dump(host.index))
-            if not any(_is_route(m, pod.ip, None, _RT_SCOPE_LINK) for m in routes):
+            routes = hrtnl.dump(route_dump(host.index, table=pod.host_table))
+            if not any(is_route(m, pod.ip, None, RT_SCOPE_LINK) for m in routes):
                 problems.append(f"host route {pod.ip}/32")
         if pod.table is not None:
             query = fibmsg()
@@ -721,20 +736,50 @@ class Datapath:
                 problems.append(_rule_from_name(pod))
             if not any(_is_rule(m, pod.ip, False, RT_TABLE_MAIN, RULE_TO_PRIORITY) for m in rules):
                 problems.append(_rule_to_name(pod))
+        if pod.branch is not None:
+            self._check_branch(hrtnl, pod, pod.branch, problems)
         return host
 
+    def _check_branch(self, hrtnl: Rtnl, pod: PodNet, b: BranchLink, problems: list[str]) -> None:
+        reply = hrtnl.one(getlink(f"link {b.name}", b.name, keep=LINK_KEEP_KIND))
+        if reply.error and reply.error not in GONE_LINK:
+            raise reply.failure(f"link {b.name}")
+        link = only_link(reply)
+        problems += vlan.link_problems(b, link)
+        if link is not None:
+            routes = hrtnl.dump(route_dump(link.index, table=b.table))
+            problems += vlan.table_problems(b, link.index, routes)
+        else:
+            problems += vlan.table_problems(b, 0, [])
+        if not b.strict:
+            return
+        query = fibmsg()
+        query["family"] = socket.AF_INET
+        found = set()
+        for name in (b.name, pod.host_veth):
+            dumped = hrtnl.dump(Request("rules", RTM_GETRULE, DUMP, query, match=name.encode()))
+            found |= {(r.iifname, r.table) for r in vlan.iif_rules_of(dumped)}
+        for name in (b.name, pod.host_veth):
+            if (name, b.table) not in found:
+                problems.append(vlan.iif_rule_name(name, b.table))
+        if not self.local_rules().moved:
+            problems.append(f"rule lookup local moved to {vlan.LOCAL_RULE_PRIORITY}")
+        chains = self.strict_chains()
+        if chains.get(pod.host_veth) != vlan.expected_fwd(b):
+            problems.append(f"strict local forward on {pod.host_veth}")
+
     @staticmethod
-    def _check_pod(prtnl: Rtnl, pod: PodNet, host: _Link | None, problems: list[str]) -> None:
-        reply = prtnl.one(_getlink("pod link", pod.ifname))
-        link = _only_link(reply)
-        if reply.error and reply.error not in _GONE_LINK:
+    def _check_pod(prtnl: Rtnl, pod: PodNet, host: Link | None, problems: list[str]) -> None:
+        reply = prtnl.one(getlink("pod link", pod.ifname))
+        link = only_link(reply)
+        if reply.error and reply.error not in GONE_LINK:
             raise reply.failure(f"pod link {pod.ifname}")
         if link is None:
             problems.append(f"pod link {pod.ifname}")
             return
         if host is not None and link.peer_index != host.index:
             problems.append(f"pod link {pod.ifname} paired with {pod.host_veth}")
-        if not link.flags & _IFF_UP:
+        if not link.flags & IFF_UP:
             problems.append(f"link {pod.ifname} down")
         if link.mtu != pod.mtu:
             problems.append(f"mtu {pod.mtu} on {pod.ifname}")
@@ -744,10 +789,10 @@ class Datapath:
         addrs = prtnl.dump(Request("addresses", RTM_GETADDR, DUMP, addr_query))
         if not any(_has_address(m, pod.ip) for m in addrs):
             problems.append(f"address {pod.ip}/32 on {pod.ifname}")
-        routes = prtnl.dump(_route_dump(link.index))
-        if not any(_is_route(m, GATEWAY, None, _RT_SCOPE_LINK) for m in routes):
+        routes = prtnl.dump(route_dump(link.index))
+        if not any(is_route(m, GATEWAY, None, RT_SCOPE_LINK) for m in routes):
             problems.append(f"route {GATEWAY} scope link")
-        if not any(_is_route(m, None, GATEWAY, _RT_SCOPE_UNIVERSE) for m in routes):
+        if not any(is_route(m, None, GATEWAY, RT_SCOPE_UNIVERSE) for m in routes):
             problems.append(f"default route via {GATEWAY}")
         neigh_query = ndmsg()
         neigh_query["family"] = socket.AF_INET
@@ -758,19 +803,119 @@ class Datapath:
             problems.append(f"neighbour {GATEWAY}")
 
     def host_veths(self) -> dict[str, int]:
-        """Return every host link named with HOST_VETH_PREFIX, by name, with its ifindex."""
-        query = _ifinfmsg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}))
+        """Return every host link named with one of HOST_VETH_PREFIXES, by name, with its
+        ifindex."""
+        query = link_msg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}))
         found: dict[str, int] = {}
-        links = Request("links", RTM_GETLINK, DUMP, query, keep=_LINK_KEEP)
+        links = Request("links", RTM_GETLINK, DUMP, query, keep=LINK_KEEP)
         for msg in self._host().dump(links):
-            link = _parse_link(msg)
-            if link.name.startswith(HOST_VETH_PREFIX):
+            link = parse_link(msg)
+            if link.name.startswith(HOST_VETH_PREFIXES):
                 found[link.name] = link.index
         return found
 
+    # -- branch ENIs: node-wide state, and what GC looks at --
+
+    def _nft(self) -> Nft:
+        """The nftables backend of the host namespace, opened on first use."""
+        with self._lock:
+            if self._closed:
+                raise DatapathClosed()
+            if self._nft_backend is None:
+                if self._host_path is None:
+                    self._nft_backend = Nft.open()
+                else:
+                    self._nft_backend = Nft.open(netns_path=self._host_path)
+            return self._nft_backend
+
+    def _in_host(self) -> contextlib.AbstractContextManager[None]:
+        # libnftables resolves interface names in the calling thread's namespace: the node's.
+        return contextlib.nullcontext() if self._host_path is None else entered(self._host_fd)
+
+    def _nft_run(self, script: str) -> None:
+        nft = self._nft()
+        with self._in_host():
+            nft.run(script)
+
+    def _rules(self) -> list[Message]:
+        query = fibmsg()
+        query["family"] = socket.AF_INET
+        return self._host().dump(Request("rules", RTM_GETRULE, DUMP, query))
+
+    def local_rules(self) -> vlan.LocalRules:
+        """Where the ``lookup local`` rules of the host namespace are."""
+        return vlan.local_rules_of(self._rules())
+
+    def move_local_rule(self) -> bool:
+        """Strict mode's node-wide step: ``lookup local`` from priority 0 to 20 (added at 20
+        first, so the node is never without it). Idempotent; returns whether it changed
+        anything. Raises RequestFailed."""
+        return self._set_local_rule(vlan.LOCAL_RULE_PRIORITY, 0)
+
+    def restore_local_rule(self) -> bool:
+        """The reverse of ``move_local_rule``: back at 0, none at 20. Idempotent."""
+        return self._set_local_rule(0, vlan.LOCAL_RULE_PRIORITY)
+
+    def _set_local_rule(self, want: int, drop: int) -> bool:
+        state = self.local_rules()
+        requests = []
+        if want not in state.priorities:
+            requests.append(vlan.local_rule(RTM_NEWRULE, CREATE, want))
+        if drop in state.priorities:
+            requests.append(vlan.local_rule(RTM_DELRULE, ACKED, drop))
+        for req, reply in zip(requests, self._host().transact(requests), strict=True):
+            if reply.error and reply.error not in (errno.EEXIST, errno.ENOENT):
+                raise reply.failure(req.op)
+        return bool(requests)
+
+    def branch_links(self) -> dict[str, Link]:
+        """Every ``vlan.eth.<vid>`` link of the host namespace, by name."""
+        out: dict[str, Link] = {}
+        dump = Request("links", RTM_GETLINK, DUMP, link_msg(), keep=LINK_KEEP_KIND)
+        for msg in self._host().dump(dump):
+            link = parse_link(msg)
+            if vlan.vlan_of_link(link.name) is not None:
+                out[link.name] = link
+        return out
+
+    def iif_rules(self) -> list[vlan.IifRule]:
+        """The ``iif X lookup T`` rules at priority 10 of the host namespace."""
+        return vlan.iif_rules_of(self._rules())
+
+    def delete_iif_rules(self, rules: Sequence[vlan.IifRule]) -> None:
+        """Delete these priority-10 rules; already gone is fine. Raises RequestFailed."""
+        requests = [
+            vlan.iif_rule(
+                vlan.iif_rule_name(r.iifname, r.table), RTM_DELRULE, ACKED, r.iifname, r.table
+            )
+            for r in rules
+        ]
+        for req, reply in zip(requests, self._host().transact(requests), strict=True):
+            if reply.error and reply.error not in GONE_RULE:
+                raise reply.failure(req.op)
+
+    def strict_chains(self) -> dict[str, str]:
+        """Our netdev ingress chains (one per strict pod's host veth) -> what each forwards."""
+        nft = self._nft()
+        with self._in_host():
+            listing = nft.list_table_json(vlan.NFT_FAMILY, vlan.NFT_TABLE)
+        return vlan.chains_of(listing)
+
+    def delete_strict_chains(self, host_veths: Sequence[str]) -> None:
+        """Delete these pods' netdev chains; already gone is fine. Raises NftError."""
+        if host_veths:
+            self._nft_run(vlan.render_local_fwd_removal(host_veths))
+
+    def set_link_up(self, index: int, mtu: int) -> None:
+        """Set a link's MTU and bring it up (the trunk ENI's link). Raises RequestFailed."""
+        msg = link_msg(("IFLA_MTU", mtu), index=index, up=True)
+        reply = self._host().one(Request(f"link {index} up", RTM_SETLINK, ACKED, msg))
+        if reply.error:
+            raise reply.failure(f"link {index} mtu {mtu} up")
+
     def link_exists(self, name: str) -> bool:
         """Return whether a link called ``name`` exists in the host namespace."""
-        reply = self._host().one(_getlink(f"link {name}", name))
-        if reply.error and reply.error not in _GONE_LINK:
+        reply = self._host().one(getlink(f"link {name}", name))
+        if reply.error and reply.error not in GONE_LINK:
             raise reply.failure(f"link {name}")
         return reply.error == 0

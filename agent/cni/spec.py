@@ -32,6 +32,8 @@ CHECK_FAILED: Final = 110
 INTERNAL: Final = 999
 
 GATEWAY: Final = IPv4Address("169.254.1.1")
+# The runtime capability that hands a plugin the pod's annotations (containerd, CRI-O).
+POD_ANNOTATIONS_CAPABILITY: Final = "io.kubernetes.cri.pod-annotations"
 
 _ID_RE: Final = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 
@@ -82,6 +84,9 @@ class CniRequest:
     path: str
     conf: NetConf
     requested_ip: IPv4Address | None = None  # ADD: the address the runtime asks for
+    # The pod's annotations as the runtime passed them (runtimeConfig
+    # ``io.kubernetes.cri.pod-annotations``); empty when it passed none.
+    annotations: Mapping[str, str] = attrs.field(factory=dict)
 
     @property
     def key(self) -> PodKey:
@@ -274,6 +279,32 @@ def validate(env: Mapping[str, str], config: Mapping[str, Any]) -> CniRequest:
         path=path,
         conf=conf,
         requested_ip=requested_address(args, config) if command == "ADD" else None,
+        annotations=pod_annotations(config, strict=command in ("ADD", "CHECK")),
+    )
+
+
+def pod_annotations(config: Mapping[str, Any], *, strict: bool = True) -> dict[str, str]:
+    """Return the pod annotations of ``runtimeConfig`` (empty when absent).
+
+    A malformed value raises CniError(6) when ``strict`` (ADD, CHECK: what the pod asks for must
+    be read right); otherwise it is ignored (DEL must never fail over it).
+    """
+    runtime = config.get("runtimeConfig")
+    if runtime is None:
+        return {}
+    raw = runtime.get(POD_ANNOTATIONS_CAPABILITY) if isinstance(runtime, Mapping) else runtime
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        return dict(raw)
+    if not strict:
+        return {}
+    raise CniError(
+        DECODE_FAILURE,
+        "invalid runtimeConfig",
+        f"{POD_ANNOTATIONS_CAPABILITY} must be an object of string values",
     )
 
 

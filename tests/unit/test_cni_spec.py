@@ -211,3 +211,27 @@ def test_requested_address_errors(args: str, conf: dict[str, Any], code: int, te
     with pytest.raises(CniError) as e:
         validate(env(ARGS=args), {**CONF, **conf})
     assert e.value.code == code and text in f"{e.value.msg} {e.value.details}"
+
+
+def test_pod_annotations_come_from_runtime_config() -> None:
+    annotations = {"podwire.io/security-groups": "sg-0123abcd", "other": "x"}
+    conf = {**CONF, "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}}
+    assert validate(env(), conf).annotations == annotations
+    assert validate(env(), CONF).annotations == {}
+    assert validate(env(), {**CONF, "runtimeConfig": {"portMappings": []}}).annotations == {}
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        {"io.kubernetes.cri.pod-annotations": ["a"]},
+        {"io.kubernetes.cri.pod-annotations": {"a": 1}},
+        "not an object",
+    ],
+)
+def test_malformed_annotations_fail_add_but_never_del(runtime: Any) -> None:
+    conf = {**CONF, "runtimeConfig": runtime}
+    with pytest.raises(CniError) as e:
+        validate(env(), conf)
+    assert e.value.code == 6 and "io.kubernetes.cri.pod-annotations" in e.value.details
+    assert validate(env(COMMAND="DEL"), conf).annotations == {}

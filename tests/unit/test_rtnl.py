@@ -28,6 +28,7 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
+from netlink import requests as rq
 from netlink import veth
 from netlink.rtnl import (
     ACKED,
@@ -130,16 +131,16 @@ def requests() -> dict[str, Request]:
     ip, gw = POD.ip, veth.GATEWAY
     made = {
         "newveth": veth._newveth(POD, MAC, 7),
-        "getlink": veth._getlink("x", "eth0"),
-        "dellink": veth._dellink("x", "eth0"),
-        "route_del": veth._route_req(
-            "x", RTM_DELROUTE, ACKED, dst=ip, oif=5, scope=veth._RT_SCOPE_LINK
+        "getlink": rq.getlink("x", "eth0"),
+        "dellink": rq.dellink("x", "eth0"),
+        "route_del": rq.route_req(
+            "x", RTM_DELROUTE, ACKED, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK
         ),
-        "route_dump": veth._route_dump(5),
-        "hostroute": veth._route_req(
-            "x", RTM_NEWROUTE, CREATE, dst=ip, oif=5, scope=veth._RT_SCOPE_LINK
+        "route_dump": rq.route_dump(5),
+        "hostroute": rq.route_req(
+            "x", RTM_NEWROUTE, CREATE, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK
         ),
-        "setlink_up": Request("x", RTM_SETLINK, ACKED, veth._ifinfmsg(index=9, up=True)),
+        "setlink_up": Request("x", RTM_SETLINK, ACKED, rq.link_msg(index=9, up=True)),
         "rules_dump": Request("r", RTM_GETRULE, DUMP, _query(fibmsg, family=2), match=ip.packed),
         "addr_dump": Request("a", RTM_GETADDR, DUMP, _query(ifaddrmsg, family=2, index=5)),
         "neigh_dump": Request(
@@ -152,10 +153,10 @@ def requests() -> dict[str, Request]:
             "l",
             RTM_GETLINK,
             DUMP,
-            veth._ifinfmsg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]})),
+            rq.link_msg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]})),
         ),
-        "move_to_group": veth._set_group("x", POD.host_veth, veth.DELETE_GROUP),
-        "delete_group": veth._delete_group("x", veth.DELETE_GROUP),
+        "move_to_group": rq.set_group("x", POD.host_veth, veth.DELETE_GROUP),
+        "delete_group": rq.delete_group("x", veth.DELETE_GROUP),
     }
     for i, req in enumerate(veth._rule_reqs(POD, RTM_NEWRULE, CREATE)):
         made[f"rule{i}"] = req
@@ -173,7 +174,7 @@ def test_requests_encode_to_the_expected_bytes(name: str) -> None:
 
 
 def test_a_batch_is_numbered_in_order_and_wraps() -> None:
-    batch = [veth._getlink("a", "eth0"), veth._getlink("b", "eth1"), veth._getlink("c", "eth2")]
+    batch = [rq.getlink("a", "eth0"), rq.getlink("b", "eth1"), rq.getlink("c", "eth2")]
     data = encode_batch(batch, 0xFFFFFFFF)
     seqs = [int.from_bytes(data[i * 44 + 8 : i * 44 + 12], "little") for i in range(3)]
     assert seqs == [0xFFFFFFFF, 0, 1]
@@ -194,7 +195,7 @@ ENODEV_10 = "24000000020000010a000000bf600000edffffff2c000000120005000a000000000
 
 
 def _batch(n: int) -> list[Request]:
-    return [veth._getlink(f"op{i}", "eth0") for i in range(n)]
+    return [rq.getlink(f"op{i}", "eth0") for i in range(n)]
 
 
 def test_collector_matches_acks_errors_and_dumps_to_their_requests() -> None:
