@@ -23,6 +23,11 @@ EC2_ACTIONS: tuple[str, ...] = (
     "ec2:AssignPrivateIpAddresses",
     "ec2:UnassignPrivateIpAddresses",
     "ec2:CreateTags",
+    # Security groups for pods with agent-made branches: AWS allows these to EKS's own control
+    # plane only (the emulator and allowlisted accounts let the agent call them).
+    "ec2:AssociateTrunkInterface",
+    "ec2:DisassociateTrunkInterface",
+    "ec2:DescribeTrunkInterfaceAssociations",
 )
 
 TAGGING_ACTIONS: tuple[str, ...] = ("ec2:CreateTags",)

@@ -223,6 +223,24 @@ def ensure_fwmark_rule_sync(netns_path: str | None) -> None:
         )
 
 
+def configure_trunk_sync(netns_path: str | None, mac: str, mtu: int) -> LinkInfo:
+    """The trunk ENI's link (security groups for pods): MTU and up, no address, no table: its
+    branches' VLAN links carry the traffic (blocking; idempotent). Raises RequestFailed
+    (ENODEV when no link has the MAC)."""
+    with _ipr(netns_path) as ipr:
+        link = _find(ipr, mac)
+        if link is None:
+            raise RequestFailed("find trunk link", errno.ENODEV, mac)
+        idx = link.ifindex
+        _tolerate("set trunk link up", lambda: ipr.link("set", index=idx, mtu=mtu, state="up"))
+        return link
+
+
+async def configure_trunk(netns_path: str | None, mac: str, mtu: int) -> LinkInfo:
+    """``configure_trunk_sync`` in a worker thread."""
+    return await anyio.to_thread.run_sync(configure_trunk_sync, netns_path, mac, mtu)
+
+
 async def configure(netns_path: str | None, spec: EniLinkSpec) -> LinkInfo:
     """``configure_sync`` in a worker thread."""
     return await anyio.to_thread.run_sync(configure_sync, netns_path, spec)

@@ -76,6 +76,7 @@ ERROR_KINDS: Mapping[str, ErrorKind] = {
     "PrivateIpAddressLimitExceeded": ErrorKind.LIMIT,
     "AttachmentLimitExceeded": ErrorKind.LIMIT,
     "NetworkInterfaceLimitExceeded": ErrorKind.LIMIT,
+    "SecurityGroupsPerInterfaceLimitExceeded": ErrorKind.LIMIT,
     "InsufficientFreeAddressesInSubnet": ErrorKind.SUBNET,
     "InsufficientCidrBlocks": ErrorKind.SUBNET,
 }
@@ -213,6 +214,17 @@ class Eni:
     description: str = ""
     tags: Mapping[str, str] = attrs.field(factory=dict)
     attachment: Attachment | None = None
+    interface_type: str = "interface"  # "trunk", "branch", ...
+
+
+@attrs.frozen(kw_only=True)
+class TrunkAssociation:
+    """One branch ENI tied to a VLAN of a trunk (DescribeTrunkInterfaceAssociations)."""
+
+    association_id: str
+    branch_id: str
+    trunk_id: str
+    vlan: int
 
 
 @attrs.frozen(kw_only=True)
@@ -259,6 +271,17 @@ def eni_from_wire(d: Mapping[str, Any]) -> Eni:
         description=d.get("Description", "") or "",
         tags={t["Key"]: t.get("Value", "") for t in d.get("TagSet", ())},
         attachment=attachment,
+        interface_type=d.get("InterfaceType") or "interface",
+    )
+
+
+def association_from_wire(d: Mapping[str, Any]) -> TrunkAssociation:
+    """Parse one ``InterfaceAssociation`` dict of the EC2 API."""
+    return TrunkAssociation(
+        association_id=d["AssociationId"],
+        branch_id=d["BranchInterfaceId"],
+        trunk_id=d["TrunkInterfaceId"],
+        vlan=int(d.get("VlanId", 0)),
     )
 
 
@@ -428,9 +451,12 @@ class Ec2:
         tags: Mapping[str, str],
         ip_count: int = 0,
         prefix_count: int = 0,
+        interface_type: str | None = None,
+        client_token: str | None = None,
     ) -> Eni:
         """Create an ENI carrying ``ip_count`` secondary IPs or ``prefix_count`` /28s (in the
-        same call) and ``tags``; return it."""
+        same call) and ``tags``; return it. ``interface_type`` ``trunk`` makes a trunk ENI;
+        ``client_token`` makes a retried call return the ENI the first one made."""
         if ip_count and prefix_count:
             raise ValueError("an ENI is created with secondary IPs or prefixes, not both")
         params: dict[str, Any] = {
@@ -444,6 +470,10 @@ class Ec2:
             params["SecondaryPrivateIpAddressCount"] = ip_count
         if prefix_count:
             params["Ipv4PrefixCount"] = prefix_count
+        if interface_type:
+            params["InterfaceType"] = interface_type
+        if client_token:
+            params["ClientToken"] = client_token
         reply = await self.call("CreateNetworkInterface", **params)
         return eni_from_wire(reply["NetworkInterface"])
 
@@ -508,6 +538,44 @@ class Ec2:
     async def create_tags(self, resource_ids: Sequence[str], tags: Mapping[str, str]) -> None:
         await self.call("CreateTags", Resources=list(resource_ids), Tags=_tag_list(tags))
 
+    # -- trunks and branches (allowlisted on AWS: EKS's control plane calls them) -------------
+
+    async def associate_trunk_interface(
+        self, *, branch_id: str, trunk_id: str, vlan: int, client_token: str
+    ) -> TrunkAssociation:
+        """Tie the branch ENI to the trunk on ``vlan``; a retry with the same ``client_token``
+        returns the association the first call made."""
+        reply = await self.call(
+            "AssociateTrunkInterface",
+            BranchInterfaceId=branch_id,
+            TrunkInterfaceId=trunk_id,
+            VlanId=vlan,
+            ClientToken=client_token,
+        )
+        return association_from_wire(reply["InterfaceAssociation"])
+
+    async def disassociate_trunk_interface(self, association_id: str, client_token: str) -> None:
+        """Untie a branch; raises NotFound (``InvalidAssociationID.NotFound``) when gone."""
+        await self.call(
+            "DisassociateTrunkInterface", AssociationId=association_id, ClientToken=client_token
+        )
+
+    async def describe_trunk_interface_associations(
+        self, trunk_id: str
+    ) -> list[TrunkAssociation]:
+        """Every association of one trunk, following NextToken pages."""
+        params: dict[str, Any] = {
+            "Filters": _filter_list({"trunk-interface-association.trunk-interface-id": [trunk_id]})
+        }
+        out: list[TrunkAssociation] = []
+        while True:
+            reply = await self.call("DescribeTrunkInterfaceAssociations", **params)
+            out += [association_from_wire(d) for d in reply.get("InterfaceAssociations", [])]
+            token = reply.get("NextToken")
+            if not token:
+                return out
+            params["NextToken"] = token
+
 
 EC2_ACTIONS_USED = (
     "DescribeInstanceTypes",
@@ -521,6 +589,9 @@ EC2_ACTIONS_USED = (
     "AssignPrivateIpAddresses",
     "UnassignPrivateIpAddresses",
     "CreateTags",
+    "AssociateTrunkInterface",
+    "DisassociateTrunkInterface",
+    "DescribeTrunkInterfaceAssociations",
 )
 """Every EC2 action this module calls (for the IAM policy and ``cloud.aws_actions``)."""
 

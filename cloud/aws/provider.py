@@ -44,7 +44,13 @@ TAG_INSTANCE = "node.k8s.amazonaws.com/instance_id"
 TAG_CREATED_AT = "node.k8s.amazonaws.com/createdAt"
 TAG_NO_MANAGE = "node.k8s.amazonaws.com/no_manage"
 TAG_CLUSTER = "cluster.k8s.amazonaws.com/name"
+# EKS's resource controller marks the ENIs it made (trunks, branches): never ours to delete.
+TAG_EKS_OWNER = "eks:eni:owner"
+# Branch ENIs the agent made (agent.sg): their own workflows clean them up, not the ENI sweep.
+TAG_BRANCH_VLAN = "podwire.io/vlan-id"
+TAG_BRANCH_TRUNK = "podwire.io/trunk-eni-id"
 DESCRIPTION_PREFIX = "podwire-"
+TRUNK_DESCRIPTION_PREFIX = "podwire-trunk-"
 
 
 # --- the kernel side, behind two small protocols ------------------------------------------
@@ -78,6 +84,7 @@ class EniLinks(Protocol):
     async def configure(self, spec: LinkSpec) -> None: ...
     async def unconfigure(self, spec: LinkSpec) -> None: ...
     async def ensure_fwmark_rule(self) -> None: ...
+    async def configure_trunk(self, mac: str, mtu: int) -> None: ...
 
 
 class NetlinkEniLinks:
@@ -112,6 +119,11 @@ class NetlinkEniLinks:
         from netlink import eni
 
         await eni.ensure_fwmark_rule(self.netns_path)
+
+    async def configure_trunk(self, mac: str, mtu: int) -> None:
+        from netlink import eni
+
+        await eni.configure_trunk(self.netns_path, mac, mtu)
 
 
 # --- settings and records -------------------------------------------------------------------
@@ -161,6 +173,8 @@ class EniInfo:
     attachment_id: str | None
     ips: tuple[IPv4Address, ...] = ()
     prefixes: tuple[IPv4Network, ...] = ()
+    trunk: bool = False  # the trunk ENI of security groups for pods: never the pool's
+    security_groups: tuple[str, ...] = ()
 
     @property
     def gateway(self) -> IPv4Address:
@@ -235,6 +249,7 @@ class AwsProvider:
         self._vpc_cidrs: tuple[IPv4Network, ...] = ()
         self._primary_groups: tuple[str, ...] = ()
         self._primary_subnet = ""
+        self._trunk: EniInfo | None = None
         self.max_enis = 0
         self.ipv4_per_eni = 0
         self.vcpus = 0
@@ -266,12 +281,18 @@ class AwsProvider:
         self._vpc_cidrs = primary_meta.vpc_cidrs
         enis = await self._attached()
         records: dict[str, EniInfo] = {}
+        trunk: EniInfo | None = None
         for eni in enis:
             assert eni.attachment is not None
             if eni.attachment.device_index == 0:
                 self._primary_groups = eni.security_groups
                 self._primary_subnet = eni.subnet_id
+            if eni.interface_type == "trunk":
+                # Never the pool's, whoever made it: its addresses are not pod addresses.
+                trunk = await self._record(eni)
+                continue
             records[eni.eni_id] = await self._record(eni)
+        self._trunk = trunk
         await self.links.ensure_fwmark_rule()
         for rec in sorted(records.values(), key=lambda r: r.device_index):
             if rec.primary or rec.no_manage:
@@ -304,6 +325,23 @@ class AwsProvider:
     def eni(self, eni_id: str) -> EniInfo:
         return self._enis[eni_id]
 
+    def trunk(self) -> EniInfo | None:
+        """The trunk ENI attached to this instance (security groups for pods), if any."""
+        return self._trunk
+
+    @property
+    def primary_groups(self) -> tuple[str, ...]:
+        """The primary ENI's security groups (what new ENIs get unless configured)."""
+        return self._primary_groups
+
+    @property
+    def primary_subnet(self) -> str:
+        return self._primary_subnet
+
+    async def subnet(self, subnet_id: str) -> Subnet:
+        """The subnet (cached; raises NotFound)."""
+        return await self._subnet(subnet_id)
+
     def _managed(self) -> list[EniInfo]:
         return [r for r in self.enis() if not r.no_manage]
 
@@ -335,6 +373,8 @@ class AwsProvider:
             attachment_id=att.attachment_id if att else None,
             ips=eni.secondary_ips,
             prefixes=eni.prefixes,
+            trunk=eni.interface_type == "trunk",
+            security_groups=eni.security_groups,
         )
 
     def _node_tags(self) -> dict[str, str]:
@@ -373,14 +413,10 @@ class AwsProvider:
                         prefix_count=prefix_count,
                     )
                     step = "device index"
-                    attached = await self._attached()
-                    used = {e.attachment.device_index for e in attached if e.attachment}
-                    free = [i for i in range(1, self.max_enis) if i not in used]
-                    if not free:
-                        raise LimitExceeded("AttachmentLimitExceeded", "AttachNetworkInterface")
+                    index = await self._free_device_index()
                     step = "attach"
                     attachment = await self.ec2.attach_network_interface(
-                        eni_id=eni.eni_id, instance_id=inst.instance_id, device_index=free[0]
+                        eni_id=eni.eni_id, instance_id=inst.instance_id, device_index=index
                     )
                     step = "delete on termination"
                     await self.ec2.set_delete_on_termination(eni.eni_id, attachment)
@@ -390,14 +426,14 @@ class AwsProvider:
                     subnet = await self._subnet(eni.subnet_id)
                     rec = EniInfo(
                         eni_id=eni.eni_id,
-                        device_index=free[0],
+                        device_index=index,
                         primary=False,
                         no_manage=False,
                         mac=eni.mac,
                         subnet_id=eni.subnet_id,
                         subnet_cidr=subnet.cidr,
                         primary_ip=eni.primary_ip,
-                        table=table_of(free[0]),
+                        table=table_of(index),
                         attachment_id=attachment,
                         ips=eni.secondary_ips,
                         prefixes=eni.prefixes,
@@ -433,6 +469,82 @@ class AwsProvider:
                 log.error("undo ENI %s: could not delete it (leak cleanup will): %r", eni.eni_id, e)
         if scope.cancelled_caught:
             log.error("undo ENI %s: gave up after %ss", eni.eni_id, self.settings.undo_deadline)
+
+    async def create_trunk(self) -> EniInfo:
+        """Create, attach and bring up the trunk ENI (security groups for pods): InterfaceType
+        trunk, the node's subnet and groups (or the configured ones), our tags, no addresses
+        for pods; its link gets the MTU and goes up, nothing more. On failure everything done
+        is undone. Raises like ``create_eni``; LimitExceeded when no device index is free.
+        """
+        inst = self.instance
+        step = "create"
+        eni: Eni | None = None
+        attachment: str | None = None
+        try:
+            with anyio.fail_after(self.settings.workflow_deadline):
+                try:
+                    eni = await self.ec2.create_network_interface(
+                        subnet_id=self.settings.subnet_id or self._primary_subnet,
+                        security_groups=self.settings.security_groups or self._primary_groups,
+                        description=f"{TRUNK_DESCRIPTION_PREFIX}{inst.instance_id}",
+                        tags=self._node_tags(),
+                        interface_type="trunk",
+                    )
+                    step = "device index"
+                    index = await self._free_device_index()
+                    step = "attach"
+                    attachment = await self.ec2.attach_network_interface(
+                        eni_id=eni.eni_id, instance_id=inst.instance_id, device_index=index
+                    )
+                    step = "delete on termination"
+                    await self.ec2.set_delete_on_termination(eni.eni_id, attachment)
+                    step = "wait for link"
+                    await self.link_waiter.wait_link(eni.mac, self.settings.link_timeout)
+                    step = "configure link"
+                    await self.links.configure_trunk(eni.mac, self.settings.mtu)
+                    subnet = await self._subnet(eni.subnet_id)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._undo_create(eni, attachment, None)
+                    raise
+        except CloudError:
+            raise
+        except Exception as e:
+            raise EniSetupFailed(step, eni.eni_id if eni else None, e) from e
+        rec = EniInfo(
+            eni_id=eni.eni_id,
+            device_index=index,
+            primary=False,
+            no_manage=False,
+            mac=eni.mac,
+            subnet_id=eni.subnet_id,
+            subnet_cidr=subnet.cidr,
+            primary_ip=eni.primary_ip,
+            table=None,
+            attachment_id=attachment,
+            trunk=True,
+            security_groups=eni.security_groups,
+        )
+        self._trunk = rec
+        log.info("trunk ENI %s attached at device %d (%s)", rec.eni_id, index, rec.mac)
+        return rec
+
+    async def configure_trunk(self) -> EniInfo:
+        """Wait for the attached trunk's link and bring it up (MTU, up); idempotent."""
+        trunk = self._trunk
+        if trunk is None:
+            raise RuntimeError("no trunk ENI is attached")
+        await self.link_waiter.wait_link(trunk.mac, self.settings.link_timeout)
+        await self.links.configure_trunk(trunk.mac, self.settings.mtu)
+        return trunk
+
+    async def _free_device_index(self) -> int:
+        attached = await self._attached()
+        used = {e.attachment.device_index for e in attached if e.attachment}
+        free = [i for i in range(1, self.max_enis) if i not in used]
+        if not free:
+            raise LimitExceeded("AttachmentLimitExceeded", "AttachNetworkInterface")
+        return free[0]
 
     async def assign_ips(self, eni_id: str, count: int) -> AddressBlock:
         """Add ``count`` secondary IPs to the ENI in one call; return a block of the new ones."""
@@ -546,6 +658,8 @@ class AwsProvider:
         for eni in found:
             if is_no_manage(eni.tags) or eni.attachment is not None:
                 continue
+            if TAG_EKS_OWNER in eni.tags or TAG_BRANCH_VLAN in eni.tags:
+                continue  # EKS's own, or a branch whose workflow (agent.sg) cleans it up
             created = parse_rfc3339(eni.tags.get(TAG_CREATED_AT, ""))
             if created is None:
                 await self.ec2.create_tags([eni.eni_id], {TAG_CREATED_AT: rfc3339(now)})

@@ -216,3 +216,157 @@ class FakeCloudProvider:
             raise
         self.view[eni_id] = eni
         return eni.block()
+
+
+# --- a trunk's branch ENIs (agent.sg) ---------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class FakeAssociation:
+    association_id: str
+    branch_id: str
+    vlan: int
+
+
+class FakeTrunk:
+    """In-memory ``cloud.trunk.BranchCloud``: branch ENIs and the trunk's associations, with
+    EC2's refusals (VLAN taken, branch limit), client-token idempotency, and per-operation
+    injected errors and delays. Calls are logged with the (virtual) time they started."""
+
+    trunk_id = "eni-trunk"
+
+    def __init__(self, limit: int = 9, subnet: str = "10.0.0.0/24") -> None:
+        from cloud.trunk import BranchEni
+
+        self._branch_cls = BranchEni
+        self.limit = limit
+        self.subnet = IPv4Network(subnet)
+        self.enis: dict[str, Any] = {}  # eni id -> BranchEni
+        self.assocs: dict[str, FakeAssociation] = {}  # association id -> association
+        self.tokens: dict[str, str] = {}  # create client token -> eni id
+        self.calls: list[Call] = []
+        self.errors: dict[str, list[Exception]] = defaultdict(list)
+        self.delays: dict[str, float] = {}
+        self._seq = 0
+        self._next_ip = int(self.subnet.network_address) + 10
+
+    def __repr__(self) -> str:
+        return f"<FakeTrunk enis={len(self.enis)} associations={len(self.assocs)}>"
+
+    def inject(self, op: str, error: Exception, times: int = 1) -> None:
+        self.errors[op] += [error] * times
+
+    def ops(self, *names: str) -> list[Call]:
+        return [c for c in self.calls if not names or c.op in names]
+
+    def times(self, *names: str) -> list[float]:
+        return [c.at for c in self.ops(*names)]
+
+    async def _enter(self, op: str, *args: object) -> None:
+        self.calls.append(Call(op, anyio.current_time(), args))
+        delay = self.delays.get(op, 0.0)
+        if delay:
+            await anyio.sleep(delay)
+        if self.errors[op]:
+            raise self.errors[op].pop(0)
+
+    def add_foreign(self, vlan: int) -> FakeAssociation:
+        """A branch someone else (EKS's controller) associated with the trunk."""
+        self._seq += 1
+        a = FakeAssociation(
+            association_id=f"trunk-assoc-x{self._seq}", branch_id=f"eni-x{self._seq}", vlan=vlan
+        )
+        self.assocs[a.association_id] = a
+        return a
+
+    def leak(self, vlan: int, *, associated: bool) -> Any:
+        """A branch with our tags that no record knows (a workflow that died)."""
+        eni = self._make(vlan, (), "")
+        if associated:
+            self._seq += 1
+            a = FakeAssociation(
+                association_id=f"trunk-assoc-{self._seq:04d}", branch_id=eni.eni_id, vlan=vlan
+            )
+            self.assocs[a.association_id] = a
+            self.enis[eni.eni_id] = attrs.evolve(eni, status="associated")
+        return self.enis[eni.eni_id]
+
+    def _make(self, vlan: int, groups: tuple[str, ...], pod: str) -> Any:
+        self._seq += 1
+        eni = self._branch_cls(
+            eni_id=f"eni-b{self._seq:04d}",
+            mac=f"02:00:00:00:{self._seq // 256:02x}:{self._seq % 256:02x}",
+            ip=IPv4Address(self._next_ip),
+            subnet_cidr=self.subnet,
+            groups=groups,
+            vlan=vlan,
+            pod=pod,
+            created_at=anyio.current_time(),
+        )
+        self._next_ip += 1
+        self.enis[eni.eni_id] = eni
+        return eni
+
+    # -- BranchCloud ------------------------------------------------------------------------
+
+    async def create_branch(
+        self, *, vlan: int, groups: Sequence[str], pod: str, client_token: str
+    ) -> Any:
+        await self._enter("create_branch", vlan, tuple(groups))
+        if client_token in self.tokens and self.tokens[client_token] in self.enis:
+            return self.enis[self.tokens[client_token]]
+        for g in groups:
+            if not g.startswith("sg-"):
+                raise NotFound("CreateNetworkInterface", "InvalidSecurityGroupID.NotFound", g)
+        eni = self._make(vlan, tuple(groups), pod)
+        self.tokens[client_token] = eni.eni_id
+        return eni
+
+    async def associate(self, *, branch_id: str, vlan: int, client_token: str) -> str:
+        await self._enter("associate", branch_id, vlan)
+        from cloud.errors import CloudRequestFailed
+
+        for a in self.assocs.values():
+            if a.branch_id == branch_id:
+                return a.association_id
+            if a.vlan == vlan:
+                raise CloudRequestFailed(
+                    "AssociateTrunkInterface", "InvalidParameterValue", "vlan taken"
+                )
+        if len(self.assocs) >= self.limit:
+            raise CloudRequestFailed("AssociateTrunkInterface", "InvalidParameterValue", "limit")
+        if branch_id not in self.enis:
+            raise NotFound("AssociateTrunkInterface", "InvalidNetworkInterfaceID.NotFound")
+        self._seq += 1
+        a = FakeAssociation(
+            association_id=f"trunk-assoc-{self._seq:04d}", branch_id=branch_id, vlan=vlan
+        )
+        self.assocs[a.association_id] = a
+        self.enis[branch_id] = attrs.evolve(self.enis[branch_id], status="associated")
+        return a.association_id
+
+    async def disassociate(self, association_id: str) -> None:
+        await self._enter("disassociate", association_id)
+        a = self.assocs.pop(association_id, None)
+        if a is not None and a.branch_id in self.enis:
+            self.enis[a.branch_id] = attrs.evolve(self.enis[a.branch_id], status="available")
+
+    async def delete_branch(self, eni_id: str) -> None:
+        await self._enter("delete_branch", eni_id)
+        self.enis.pop(eni_id, None)
+        for aid, a in list(self.assocs.items()):
+            if a.branch_id == eni_id:
+                del self.assocs[aid]
+
+    async def branches(self) -> list[Any]:
+        await self._enter("branches")
+        return list(self.enis.values())
+
+    async def associations(self) -> list[Any]:
+        await self._enter("associations")
+        from cloud.trunk import BranchAssociation
+
+        return [
+            BranchAssociation(association_id=a.association_id, branch_id=a.branch_id, vlan=a.vlan)
+            for a in self.assocs.values()
+        ]
