@@ -69,6 +69,13 @@ def pod_row(a: Allocation, now: float) -> dict[str, Any]:
         "host_veth": a.host_veth,
         "netns": a.netns,
         "age_s": round(max(0.0, now - a.created_at), 1) if a.created_at else None,
+        # security groups for pods: the pod's branch ENI, or the shared pool
+        "groups": list(a.sg.groups) if a.sg else [],
+        "branch": (
+            {"eni": a.sg.branch, "vlan": a.sg.vlan, "mode": a.sg.mode, "source": a.sg.source}
+            if a.sg
+            else None
+        ),
     }
 
 
@@ -86,6 +93,7 @@ class AgentApi:
         refiller: Any = None,
         ranges: Any = None,
         kube: Any = None,
+        sg: Any = None,
     ) -> None:
         self.cni = cni
         self.cfg = cfg
@@ -97,6 +105,7 @@ class AgentApi:
         self.refiller = refiller
         self.ranges = ranges
         self.kube = kube
+        self.sg = sg
         self.started_at = time.time()
         self.traces = Traces(observe=self.metrics.observe_phase)
 
@@ -117,6 +126,10 @@ class AgentApi:
         if method == "agent.enis":
             enis = getattr(self.provider, "enis", None)
             return [eni_row(e) for e in enis()] if enis else []
+        if method == "agent.branches":
+            if self.sg is None:
+                return {"enabled": False, "state": "unavailable", "reason": "not the aws provider"}
+            return self.sg.view(list(self.cni.pods()))
         if method == "agent.snat":
             return self.snat.status() if self.snat else {"enabled": False}
         if method == "agent.snat.set":
@@ -229,6 +242,7 @@ class AgentApi:
             },
             "deletions": {"rounds": self.cni.deleter.rounds, "links": self.cni.deleter.links},
             "snat": self.snat.status() if self.snat else {"enabled": False},
+            "security_groups": self.sg.status() if self.sg else {"enabled": False},
         }
 
     def pool(self) -> dict[str, Any]:

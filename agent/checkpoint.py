@@ -15,8 +15,8 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from collections.abc import Callable, Iterable
-from ipaddress import IPv4Address
+from collections.abc import Awaitable, Callable, Iterable
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import anyio
@@ -25,6 +25,8 @@ import cattrs
 import orjson
 
 from agent.cni.spec import PodKey
+from agent.sg.branches import BranchRecord
+from agent.sg.records import SgAttachment
 
 FORMAT_VERSION = 1
 
@@ -44,6 +46,7 @@ class Allocation:
     pod_namespace: str = ""
     pod_name: str = ""
     created_at: float = 0.0  # wall clock, for ages shown to operators
+    sg: SgAttachment | None = None  # a pod with its own branch ENI (security groups)
 
     @property
     def key(self) -> PodKey:
@@ -61,6 +64,7 @@ class Snapshot:
     version: int = FORMAT_VERSION
     allocations: tuple[Allocation, ...] = ()
     cooling: tuple[CoolingEntry, ...] = ()
+    branches: tuple[BranchRecord, ...] = ()  # branch ENIs the agent made (agent.sg.branches)
 
 
 class CheckpointCorrupt(Exception):
@@ -75,6 +79,8 @@ class CheckpointCorrupt(Exception):
 _conv = cattrs.Converter()
 _conv.register_structure_hook(IPv4Address, lambda v, _: IPv4Address(v))
 _conv.register_unstructure_hook(IPv4Address, str)
+_conv.register_structure_hook(IPv4Network, lambda v, _: IPv4Network(v))
+_conv.register_unstructure_hook(IPv4Network, str)
 
 
 def encode(snapshot: Snapshot, cache: PlainCache | None = None) -> bytes:
@@ -87,12 +93,15 @@ def encode(snapshot: Snapshot, cache: PlainCache | None = None) -> bytes:
     cooling = orjson.dumps(
         [{"ip": str(c.ip), "released_at": c.released_at} for c in snapshot.cooling]
     )
+    branches = orjson.dumps([_conv.unstructure(b) for b in snapshot.branches])
     return b"".join(
         (
             b'{"version":%d,"allocations":[\n' % snapshot.version,
             b",\n".join(allocations),
             b'\n],"cooling":',
             cooling,
+            b',"branches":',
+            branches,
             b"}\n",
         )
     )
@@ -183,10 +192,18 @@ def on_tmpfs(path: Path) -> bool:
 class Checkpoint:
     """Group-committed writes of the snapshot that ``take_snapshot`` returns."""
 
-    def __init__(self, path: Path, take_snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        take_snapshot: Callable[[], Snapshot],
+        writer: Callable[[Path, bytes], Awaitable[None]] | None = None,
+    ) -> None:
+        """``writer`` writes the file (default: ``write_atomically``, in a worker thread unless
+        the directory is on tmpfs)."""
         self.path = path
         self._inline: bool | None = None  # write on the event loop (tmpfs); found at first write
         self._take = take_snapshot
+        self._writer = writer
         self._wanted = 0  # generation of the newest change
         self._written = 0  # generation covered by the last completed write
         self._writing = False
@@ -215,12 +232,15 @@ class Checkpoint:
             gen = self._wanted
             try:
                 data = encode(self._take(), self._cache)
-                if self._inline is None:
-                    self._inline = on_tmpfs(self.path.parent)
-                if self._inline:
-                    write_atomically(self.path, data)
+                if self._writer is not None:
+                    await self._writer(self.path, data)
                 else:
-                    await anyio.to_thread.run_sync(write_atomically, self.path, data)
+                    if self._inline is None:
+                        self._inline = on_tmpfs(self.path.parent)
+                    if self._inline:
+                        write_atomically(self.path, data)
+                    else:
+                        await anyio.to_thread.run_sync(write_atomically, self.path, data)
                 self.writes += 1
                 self._written = gen
             finally:
@@ -230,11 +250,16 @@ class Checkpoint:
 
 
 def snapshot_of(
-    allocations: Iterable[Allocation], cooling: Iterable[tuple[IPv4Address, float]], mono_now: float
+    allocations: Iterable[Allocation],
+    cooling: Iterable[tuple[IPv4Address, float]],
+    mono_now: float,
+    branches: Iterable[BranchRecord] = (),
 ) -> Snapshot:
-    """Build a snapshot; cooling times are converted from the monotonic clock to wall time."""
+    """Build a snapshot; cooling times are converted from the monotonic clock to wall time
+    (branch records keep wall time already)."""
     offset = time.time() - mono_now
     return Snapshot(
         allocations=tuple(allocations),
         cooling=tuple(CoolingEntry(ip=ip, released_at=t + offset) for ip, t in cooling),
+        branches=tuple(branches),
     )

@@ -65,7 +65,35 @@ def show_status(st: dict[str, Any]) -> str:
         f"Checkpoint: {st['checkpoint']['path']} ({st['checkpoint']['writes']} writes)",
         f"SNAT:       {show_snat_line(st.get('snat', {}))}",
     ]
+    sg = st.get("security_groups") or {}
+    if sg.get("enabled") or sg.get("state") not in (None, "disabled"):
+        lines.append(f"Sec groups: {show_sg_line(sg)}")
     return "\n".join(lines)
+
+
+def show_sg_line(sg: dict[str, Any]) -> str:
+    """One line on security groups for pods: mode, trunk, branches, or why unavailable."""
+    if not sg.get("enabled"):
+        return "off"
+    head = f"{sg['mode']} mode, branches by {sg['branches']}"
+    if sg["state"] != "ready":
+        return f"{head}; {sg['state'].upper()}: {sg['reason']}"
+    t, c = sg["trunk"], sg.get("counts") or {}
+    held = sg.get("held_by_others", 0)
+    return (
+        f"{head}; trunk {t['eni_id']} on {t['link']}; {sg['limit']} branches: "
+        f"{c.get('associated', 0)} in use, {c.get('cooling', 0)} cooling, "
+        f"{c.get('creating', 0)} creating, {c.get('deleting', 0)} deleting"
+        + (f", {held} EKS-made" if held else "")
+    )
+
+
+def _pod_groups(p: dict[str, Any]) -> str:
+    b = p.get("branch")
+    if not b:
+        return "shared pool"
+    groups = ",".join(p.get("groups") or []) or f"(from {b['source']})"
+    return f"{groups} vlan {b['vlan']} {b['mode']}"
 
 
 def show_snat_line(s: dict[str, Any]) -> str:
@@ -84,12 +112,46 @@ def show_pods(pods: list[dict[str, Any]]) -> str:
             p["ifname"],
             p["ip"],
             p["owner"],
+            _pod_groups(p),
             p["host_veth"],
             _age(p["age_s"]),
         )
         for p in pods
     ]
-    return table(rows, ("pod", "container", "if", "ip", "eni/cidr", "host veth", "age"))
+    return table(
+        rows, ("pod", "container", "if", "ip", "eni/cidr", "security groups", "host veth", "age")
+    )
+
+
+def show_branches(v: dict[str, Any]) -> str:
+    """The trunk and its branch ENIs: VLAN, state, pod, address, groups."""
+    head = f"security groups for pods: {show_sg_line(v)}"
+    if not v.get("enabled") or v.get("state") != "ready":
+        return head
+    t = v["trunk"]
+    head += (
+        f"\ntrunk {t['eni_id']}: link {t['link']} (ifindex {t['index']}), device "
+        f"{t['device_index']}, mac {t['mac']}; cooldown {v['cooldown_s']:g}s"
+    )
+    rows = [
+        (
+            r["branch"],
+            r["vlan"],
+            r["state"]
+            + (f" ({r['cooldown_left_s']:g}s left)" if r["cooldown_left_s"] is not None else ""),
+            r["pod"] or "-",
+            r["ip"] or "-",
+            ",".join(r["groups"]) or ("(EKS)" if r["source"] == "eks" else "-"),
+            r["source"],
+            r["error"],
+        )
+        for r in v["rows"]
+    ]
+    return (
+        head
+        + "\n"
+        + table(rows, ("branch eni", "vlan", "state", "pod", "ip", "groups", "source", "error"))
+    )
 
 
 def show_pool(pool: dict[str, Any]) -> str:
@@ -271,6 +333,7 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "pods": ("agent.pods", lambda a: None, show_pods),
     "pool": ("agent.pool", lambda a: None, show_pool),
     "enis": ("agent.enis", lambda a: None, show_enis),
+    "branches": ("agent.branches", lambda a: None, show_branches),
     "gc": ("agent.gc", lambda a: {"dry_run": a.dry_run}, show_gc),
     "config": ("agent.config", lambda a: None, show_config),
     "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
@@ -296,6 +359,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("pods", parents=[common], help="pods wired on this node")
     sub.add_parser("pool", parents=[common], help="addresses per ENI or CIDR, targets, refiller")
     sub.add_parser("enis", parents=[common], help="this node's ENIs (aws provider)")
+    sub.add_parser(
+        "branches",
+        parents=[common],
+        help="security groups for pods: the trunk ENI and its branch ENIs",
+    )
     g = sub.add_parser("gc", parents=[common], help="collect leaked pods, veths and rules now")
     g.add_argument("--dry-run", action="store_true", help="only show what would be collected")
     sub.add_parser(

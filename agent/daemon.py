@@ -48,6 +48,7 @@ from agent.pool.ipam import IpPool
 from agent.pool.pool_math import InstanceLimits, max_pods
 from agent.pool.ranges import RangeFollower, RangeSource
 from agent.repair import Repairer
+from agent.sg.service import SgService
 from agent.snat.masq import IpMasqPolicy, ip_masq_facts
 from agent.snat.service import SnatService, pool_cidrs
 from cloud.provider import NodeFacts, Provider
@@ -145,6 +146,18 @@ async def _restore_until_reachable(
         attempt = AsyncExitStack()
         try:
             provider = await open_provider(cfg, attempt, watcher, metrics, kube)
+            sg = None
+            if provider.name == "aws":
+                from agent.sg.aws import sg_service
+
+                sg = sg_service(
+                    cfg,
+                    provider,
+                    watcher=watcher,
+                    rules=datapath,
+                    events=events,
+                    registry=metrics.registry,
+                )
             cni = CniService(
                 pool=IpPool(cooldown=cfg.ipam.cooldown),
                 datapath=datapath,
@@ -153,7 +166,11 @@ async def _restore_until_reachable(
                 mtu=cfg.mtu,
                 add_wait=cfg.agent.add_wait,
                 events=events,
+                sg=sg,
             )
+            if sg is not None:
+                sg.commit = cni.checkpoint.commit
+                sg.live = cni.holds
             dropped = await cni.restore(snapshot)
         except ckpt.CheckpointCorrupt:
             await attempt.aclose()
@@ -224,7 +241,12 @@ async def _start_aws_services(
 
     await eni.ensure_fwmark_rule(None)
     targets = pool_targets(cfg)
-    limits = InstanceLimits(max_enis=provider.max_enis, ipv4_per_eni=provider.ipv4_per_eni)
+    # security groups for pods: the trunk's ENI slot is never the pool's
+    sg = cast("SgService | None", cni.sg)
+    reserved = 1 if sg is not None and sg.reserves_trunk_slot else 0
+    limits = InstanceLimits(
+        max_enis=max(1, provider.max_enis - reserved), ipv4_per_eni=provider.ipv4_per_eni
+    )
 
     def take_demand() -> anyio.Event:
         # ADDs set cni.demand when they wait for an address; the refiller consumes it
@@ -337,6 +359,8 @@ async def run(
                 pool_refiller = await _start_aws_services(
                     cfg, tg, health, cni, provider, pool_changed
                 )
+                if cni.sg is not None:
+                    await tg.start(health.run, "security-groups", cast("SgService", cni.sg).run)
             if provider.name == "gce" or hasattr(provider, "watch_ranges"):
                 follower = RangeFollower(
                     cni.pool, cast(RangeSource, provider), on_change=pool_changed, events=events
@@ -378,6 +402,7 @@ async def run(
                 refiller=pool_refiller,
                 ranges=range_follower,
                 kube=kube,
+                sg=cast("SgService | None", cni.sg),
             )
             await tg.start(
                 health.run,

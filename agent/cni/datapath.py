@@ -12,7 +12,9 @@ from functools import partial
 import anyio
 
 from netlink.errors import RequestFailed
+from netlink.requests import Link
 from netlink.veth import Datapath, PodNet, WiredPod
+from netlink.vlan import IifRule, LocalRules
 
 
 class ThreadedDatapath:
@@ -52,3 +54,31 @@ class ThreadedDatapath:
 
     async def link_exists(self, name: str) -> bool:
         return await anyio.to_thread.run_sync(self._dp.link_exists, name, limiter=self._limiter)
+
+    # -- branch ENIs (security groups for pods): node-wide state and what GC looks at --
+
+    async def move_local_rule(self) -> bool:
+        return await anyio.to_thread.run_sync(self._dp.move_local_rule, limiter=self._limiter)
+
+    async def restore_local_rule(self) -> bool:
+        return await anyio.to_thread.run_sync(self._dp.restore_local_rule, limiter=self._limiter)
+
+    async def local_rules(self) -> LocalRules:
+        return await anyio.to_thread.run_sync(self._dp.local_rules, limiter=self._limiter)
+
+    async def branch_links(self) -> dict[str, Link]:
+        return await anyio.to_thread.run_sync(self._dp.branch_links, limiter=self._limiter)
+
+    async def iif_rules(self) -> list[IifRule]:
+        return await anyio.to_thread.run_sync(self._dp.iif_rules, limiter=self._limiter)
+
+    async def delete_iif_rules(self, rules: list[IifRule]) -> None:
+        await anyio.to_thread.run_sync(self._dp.delete_iif_rules, rules, limiter=self._limiter)
+
+    async def strict_chains(self) -> dict[str, str]:
+        return await anyio.to_thread.run_sync(self._dp.strict_chains, limiter=self._limiter)
+
+    async def delete_strict_chains(self, host_veths: list[str]) -> None:
+        await anyio.to_thread.run_sync(
+            self._dp.delete_strict_chains, host_veths, limiter=self._limiter
+        )

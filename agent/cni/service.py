@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -48,12 +49,29 @@ from agent.cni.spec import (
 from agent.events import EventBus
 from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
 from agent.trace import mark
+from agent.sg.branches import BranchRecord
+from agent.sg.records import SgAttachment
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
-from netlink.names import host_veth_name
+from netlink.names import host_veth_name, host_veth_names
 from netlink.veth import PodNet, WiredPod
+from netlink.vlan import BranchLink
+from netlink.vlan import link_name as branch_link_name
 
 log = logging.getLogger("podwire.cni")
+
+
+class SgHook(Protocol):
+    """Security groups for pods as the CNI service sees them (``agent.sg.service.SgService``):
+    a pod with groups gets its address from its branch ENI, not from the pool."""
+
+    async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment] | None: ...
+    def release(self, alloc: Allocation) -> None: ...
+    def branch_link(self, alloc: Allocation) -> BranchLink | None: ...
+    def records(self) -> list[BranchRecord]: ...
+    async def restore(
+        self, allocations: Iterable[Allocation], saved: Sequence[BranchRecord]
+    ) -> None: ...
 
 
 class DatapathPort(Protocol):
@@ -110,7 +128,10 @@ class CniService:
         wire_timeout: float = 10.0,
         clock: Callable[[], float] = anyio.current_time,
         events: EventBus | None = None,
+        sg: SgHook | None = None,
+        checkpoint_writer: Callable[[Path, bytes], Awaitable[None]] | None = None,
     ) -> None:
+        self.sg = sg
         self.pool = pool
         self.datapath = datapath
         self.provider = provider
@@ -120,7 +141,7 @@ class CniService:
         self.clock = clock
         self.events = events or EventBus()
         self.allocations: dict[PodKey, Allocation] = {}
-        self.checkpoint = Checkpoint(checkpoint_path, self.snapshot)
+        self.checkpoint = Checkpoint(checkpoint_path, self.snapshot, checkpoint_writer)
         self.locks = KeyLocks()
         self.ready = False
         self.pool_changed = anyio.Event()
@@ -133,7 +154,12 @@ class CniService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return snapshot_of(self.allocations.values(), self.pool.cooling_items(), self.clock())
+        return snapshot_of(
+            self.allocations.values(),
+            self.pool.cooling_items(),
+            self.clock(),
+            self.sg.records() if self.sg is not None else (),
+        )
 
     async def restore(self, snap: Snapshot) -> list[tuple[Allocation, str]]:
         """Rebuild the pool from the provider and match the checkpoint against the kernel.
@@ -152,6 +178,9 @@ class CniService:
                 dropped.append((a, "pod link is gone"))
                 self.pool.cool(a.ip, now)
                 continue
+            if a.sg is not None:  # its address is its branch ENI's, not the pool's
+                self.allocations[a.key] = a
+                continue
             try:
                 self.pool.claim(a.ip, a.key)
             except AddressUnknown:
@@ -166,6 +195,8 @@ class CniService:
                 "dropped allocation", extra={"key": str(a.key), "ip": str(a.ip), "reason": why}
             )
             self.events.publish("allocation.dropped", key=str(a.key), ip=str(a.ip), reason=why)
+        if self.sg is not None:
+            await self.sg.restore(list(self.allocations.values()), snap.branches)
         await self.checkpoint.commit()
         self.ready = True
         return dropped
@@ -192,6 +223,7 @@ class CniService:
             ip=a.ip,
             mtu=self.mtu,
             table=a.table,
+            branch=self.sg.branch_link(a) if self.sg is not None else None,
         )
 
     async def add(self, req: CniRequest) -> dict[str, Any]:
@@ -202,12 +234,14 @@ class CniService:
         async with self.locks.hold(key):
             old = self.allocations.get(key)
             want = req.requested_ip
+            sg: SgAttachment | None = None
+            got: tuple[Lease, SgAttachment] | None = None
             if old is not None:
                 # The runtime retries an ADD it got no answer to: start over with the same IP
                 # (unless it now asks for another).
                 await self._teardown(old, keep_record=True)
-                if want is None or want == old.ip:
-                    lease = Lease(ip=old.ip, owner=old.owner, table=old.table)
+                if want is None or want == old.ip or old.sg is not None:
+                    lease, sg = Lease(ip=old.ip, owner=old.owner, table=old.table), old.sg
                 else:
                     del self.allocations[key]
                     self.pool.release(old.ip, self.clock())
@@ -217,6 +251,15 @@ class CniService:
                         with anyio.CancelScope(shield=True):
                             await self.checkpoint.commit()
                         raise
+            elif self.sg is not None and (got := await self.sg.lease(req)) is not None:
+                # security groups for pods: the address is the pod's branch ENI's
+                lease, sg = got
+                if want is not None and want != lease.ip:
+                    raise CniError(
+                        INVALID_CONFIG,
+                        "a pod with security groups gets its branch ENI's address",
+                        f"asked for {want}, its branch has {lease.ip}",
+                    )
             elif want is not None:
                 lease = self._requested(key, want)
             else:
@@ -228,12 +271,15 @@ class CniService:
                 ifname=key.ifname,
                 ip=lease.ip,
                 netns=req.netns,
-                host_veth=host_veth_name(key.network, key.container_id, key.ifname),
+                host_veth=host_veth_name(
+                    key.network, key.container_id, key.ifname, strict=sg is not None and sg.strict
+                ),
                 owner=lease.owner,
                 table=lease.table,
                 pod_namespace=req.pod_namespace,
                 pod_name=req.pod_name,
                 created_at=old.created_at if old else time.time(),
+                sg=sg,
             )
             self.allocations[key] = alloc
             wired: WiredPod | None = None
@@ -241,6 +287,8 @@ class CniService:
                 await self.checkpoint.commit()
                 mark("checkpoint")
                 await self.deleter.wait_for(alloc.host_veth)
+                if sg is not None:
+                    await self.deleter.wait_for(branch_link_name(sg.vlan))
                 with anyio.fail_after(self.wire_timeout):
                     wired = await self.datapath.wire(self.pod_net(alloc))
                 mark("wire")
@@ -264,6 +312,11 @@ class CniService:
             ip=str(alloc.ip),
             owner=alloc.owner,
             pod=f"{alloc.pod_namespace}/{alloc.pod_name}" if alloc.pod_name else "",
+            **(
+                {"groups": ",".join(sg.groups) or sg.source, "vlan": sg.vlan, "mode": sg.mode}
+                if sg is not None
+                else {}
+            ),
         )
         return render_add_result(req.conf.cni_version, out, req.conf.dns)
 
@@ -304,7 +357,9 @@ class CniService:
                 "undo of a failed ADD incomplete", extra={"key": str(alloc.key), "error": str(e)}
             )
         self.allocations.pop(alloc.key, None)
-        self.pool.release(alloc.ip, self.clock())
+        if alloc.sg is None:
+            self.pool.release(alloc.ip, self.clock())
+        # A branch ENI stays the pod's for a while: a retried ADD gets it back (agent.sg).
         try:
             await self.checkpoint.commit()
         except OSError as e:
@@ -317,11 +372,27 @@ class CniService:
             self.allocations.pop(alloc.key, None)
 
     async def _unwire(self, alloc: Allocation) -> None:
-        """Remove the host rules of ``alloc`` (if its address has any) and its veth pair; the
-        pair's routes go with it. Returns once the pod's interface is gone."""
-        if alloc.table is not None:
+        """Remove the host rules of ``alloc`` (if its address has any) and its veth pair (and a
+        branch pod's VLAN link); their routes go with them. Returns once the pod's interface
+        is gone."""
+        if alloc.table is not None or alloc.sg is not None:
             await self.datapath.unwire_host(self.pod_net(alloc))
-        await self.deleter.delete([alloc.host_veth])
+        await self.deleter.delete(self._links_of(alloc))
+
+    @staticmethod
+    def _links_of(alloc: Allocation) -> list[str]:
+        """The host links of an attachment: its veth, and a branch pod's VLAN link."""
+        links = [alloc.host_veth]
+        if alloc.sg is not None:
+            links.append(branch_link_name(alloc.sg.vlan))
+        return links
+
+    def _release_address(self, alloc: Allocation) -> None:
+        if alloc.sg is not None:
+            if self.sg is not None:
+                self.sg.release(alloc)
+        else:
+            self.pool.release(alloc.ip, self.clock())
 
     async def delete(self, req: CniRequest) -> None:
         """Release the attachment; succeeds when it or its netns is already gone."""
@@ -332,12 +403,14 @@ class CniService:
         alloc = self.allocations.get(key)
         if alloc is None:
             # A veth left by an ADD the agent never recorded (killed mid-ADD at first start).
-            await self.deleter.delete([host_veth_name(key.network, key.container_id, key.ifname)])
+            await self.deleter.delete(
+                list(host_veth_names(key.network, key.container_id, key.ifname))
+            )
             return None
         await self._unwire(alloc)
         mark("delete")
         del self.allocations[key]
-        self.pool.release(alloc.ip, self.clock())
+        self._release_address(alloc)
         await self.checkpoint.commit()
         mark("checkpoint")
         self.events.publish(
@@ -413,6 +486,14 @@ class CniService:
 
     def pods(self) -> Iterable[Allocation]:
         return self.allocations.values()
+
+    def holds(self, key: str) -> bool:
+        """Whether an attachment with this key (``network/container/ifname``) is recorded."""
+        parts = key.split("/")
+        if len(parts) != 3:
+            return False
+        network, container_id, ifname = parts
+        return PodKey(network=network, container_id=container_id, ifname=ifname) in self.allocations
 
 
 def map_error(exc: Exception) -> CniError:

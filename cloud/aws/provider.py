@@ -325,6 +325,10 @@ class AwsProvider:
     def eni(self, eni_id: str) -> EniInfo:
         return self._enis[eni_id]
 
+    @property
+    def instance_type(self) -> str:
+        return self.instance.instance_type
+
     def trunk(self) -> EniInfo | None:
         """The trunk ENI attached to this instance (security groups for pods), if any."""
         return self._trunk
