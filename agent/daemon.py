@@ -48,7 +48,8 @@ from agent.pool.ipam import IpPool
 from agent.pool.pool_math import InstanceLimits, max_pods
 from agent.pool.ranges import RangeFollower, RangeSource
 from agent.repair import Repairer
-from agent.sg.service import SgService
+from agent.sg.gc import SgGc
+from agent.sg.service import SgService, snat_sources
 from agent.snat.masq import IpMasqPolicy, ip_masq_facts
 from agent.snat.service import SnatService, pool_cidrs
 from cloud.provider import NodeFacts, Provider
@@ -347,8 +348,11 @@ async def run(
                 pod_cidrs=lambda: pool_cidrs(
                     cni.pool,
                     provider.facts().pod_cidrs if provider.name in ("static", "gce") else (),
-                ),
+                )
+                + tuple(snat_sources(cni.allocations.values())),
             )
+            if cni.sg is not None:
+                cast("SgService", cni.sg).on_change = snat.changed
 
             def pool_changed() -> None:
                 cni.notify_pool_changed()
@@ -384,8 +388,21 @@ async def run(
                 ),
                 interval=g.interval,
                 spool_dir=Path(cfg.agent.spool_dir),
+                extra=(
+                    SgGc(
+                        threaded,
+                        lambda: list(cni.allocations.values()),
+                        cni._schedule_delete,
+                        grace=g.missing_grace,
+                        clock=cni.clock,
+                    )
+                    if cni.sg is not None
+                    else None
+                ),
             )
             watcher.add_callback(gc.on_watch)
+            if cni.sg is not None:
+                watcher.add_callback(cast("SgService", cni.sg).on_watch)
             if cfg.agent.repair:
                 repairer = Repairer(cni, threaded.repair_host, metrics=metrics, events=events)
                 watcher.add_callback(repairer.on_watch)

@@ -54,7 +54,7 @@ from agent.cni.service import CniService
 from agent.cni.spec import PodKey
 from agent.netns_holders import NetnsFact, probe, remove_netns_mount, under
 from netlink.errors import NetlinkError
-from netlink.names import HOST_VETH_PREFIX, host_veth_name
+from netlink.names import HOST_VETH_PREFIXES, host_veth_name
 from netlink.requests import RT_TABLE_MAIN
 from netlink.veth import RULE_FROM_PRIORITY, RULE_TO_PRIORITY, PodNet
 from netlink.watcher import Batch, Item, RuleEvent
@@ -71,7 +71,7 @@ class GcPolicy:
     orphan_grace: float | None = 60.0
     own_netns_mounts: bool = False
     netns_dirs: tuple[str, ...] = ("/run/netns",)
-    veth_prefix: str = HOST_VETH_PREFIX
+    veth_prefix: tuple[str, ...] = HOST_VETH_PREFIXES
     rule_priorities: frozenset[int] = frozenset({RULE_TO_PRIORITY, RULE_FROM_PRIORITY})
 
 
@@ -354,10 +354,11 @@ class GcReport:
     changed: int = 0  # looked fine again on the re-check
     errors: tuple[str, ...] = ()
     lines: tuple[str, ...] = ()  # the plan, described
+    branch_objects: int = 0  # VLAN links, iif rules, strict chains (agent.sg.gc)
 
     @property
     def collected(self) -> int:
-        return self.released + self.veths + self.rules + self.unmounted
+        return self.released + self.veths + self.rules + self.unmounted + self.branch_objects
 
 
 async def collect(
@@ -475,6 +476,21 @@ class GcTotals:
     errors: int = 0
 
 
+class ExtraReport(Protocol):
+    @property
+    def collected(self) -> int: ...
+    @property
+    def lines(self) -> tuple[str, ...]: ...
+    @property
+    def errors(self) -> tuple[str, ...]: ...
+
+
+class ExtraGc(Protocol):
+    """More to collect on each look (``agent.sg.gc.SgGc``)."""
+
+    async def run_once(self, *, dry_run: bool = False) -> ExtraReport: ...
+
+
 class GcService:
     """Runs GC on a jittered timer, when poked, and when a suspect's grace ends."""
 
@@ -489,7 +505,9 @@ class GcService:
         spool_dir: Path | None = None,
         probe_netns: Probe = probe_in_thread,
         rng: random.Random | None = None,
+        extra: ExtraGc | None = None,
     ) -> None:
+        self.extra = extra  # security groups for pods: the branch datapath's own collection
         self.cni = cni
         self.kernel = kernel
         self.policy = policy
@@ -561,6 +579,18 @@ class GcService:
             policy=self.policy,
             probe_netns=self.probe_netns,
         )
+        if self.extra is not None:
+            try:
+                more = await self.extra.run_once(dry_run=dry_run)
+            except (NetlinkError, OSError) as e:
+                report = attrs.evolve(report, errors=(*report.errors, f"branch datapath: {e}"))
+            else:
+                report = attrs.evolve(
+                    report,
+                    lines=report.lines + more.lines,
+                    errors=report.errors + more.errors,
+                    branch_objects=more.collected,
+                )
         if dry_run:
             return report
         self.sightings = the_plan.sightings

@@ -20,14 +20,16 @@ from typing import TypeVar
 import anyio
 import anyio.abc
 
+from agent.checkpoint import Allocation
 from agent.cni.service import CniService
 from agent.cni.spec import PodKey
 from agent.events import EventBus
 from agent.metrics import Metrics
 from netlink.errors import NetlinkError
-from netlink.names import HOST_VETH_PREFIX
+from netlink.names import HOST_VETH_PREFIXES
 from netlink.requests import RT_TABLE_MAIN
 from netlink.veth import RULE_FROM_PRIORITY, RULE_TO_PRIORITY
+from netlink.vlan import IIF_RULE_PRIORITY, VLAN_LINK_PREFIX, link_name, table_of
 from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent
 
 log = logging.getLogger("podwire.repair")
@@ -63,12 +65,22 @@ class _ByIp(Mapping[IPv4Address, PodKey]):
 
     def __init__(self, cni: CniService) -> None:
         self._cni = cni
+        self._branches: dict[IPv4Address, PodKey] | None = None
 
     def __getitem__(self, ip: IPv4Address) -> PodKey:
         key = self._cni.pool.holder(ip)
+        if key is None:  # a branch pod's address is its branch ENI's, not the pool's
+            key = self._branch_pods().get(ip)
         if key is None or key not in self._cni.allocations:
             raise KeyError(ip)
         return key
+
+    def _branch_pods(self) -> dict[IPv4Address, PodKey]:
+        if self._branches is None:
+            self._branches = {
+                a.ip: k for k, a in self._cni.allocations.items() if a.sg is not None
+            }
+        return self._branches
 
     def __iter__(self) -> Iterator[IPv4Address]:
         return (a.ip for a in self._cni.allocations.values())
@@ -82,14 +94,21 @@ def suspects(
     by_ip: Mapping[IPv4Address, PodKey],
     by_veth: Mapping[str, PodKey],
     seen_up: set[str] | None = None,
+    by_table: Mapping[int, PodKey] | None = None,
+    by_link: Mapping[str, PodKey] | None = None,
 ) -> dict[PodKey, str]:
     """Allocations an event batch may have damaged, each with what happened.
 
     Pure but for ``seen_up``, the host veths seen up so far, which it updates: a veth reported
     down counts only if it was up before (while ADD wires a pod, its new veth is down for a
-    moment, and that is not damage).
+    moment, and that is not damage). Branch pods (security groups) also own a route table
+    (``by_table``: 100 + vid) and the names their priority-10 rules match (``by_link``: the VLAN
+    link and, in strict mode, the host veth): a route deleted from that table, a rule at 10 on
+    one of those names deleted, their VLAN link deleted or set down mark them too.
     """
     seen_up = set() if seen_up is None else seen_up
+    by_table = by_table or {}
+    by_link = by_link or {}
     if not isinstance(item, Batch):
         return {key: "resync" for key in by_ip.values()}
     found: dict[PodKey, str] = {}
@@ -102,12 +121,19 @@ def suspects(
                 and e.dst in by_ip
             ):
                 found[by_ip[e.dst]] = "route"
+            elif e.kind == "del" and e.table > 255 and e.table in by_table:
+                found[by_table[e.table]] = "branch route"
         elif isinstance(e, RuleEvent):
             ip = e.src if e.priority == RULE_FROM_PRIORITY else e.dst
             pod_rule = e.priority in (RULE_TO_PRIORITY, RULE_FROM_PRIORITY)
             if e.kind == "del" and pod_rule and ip is not None and ip in by_ip:
                 found[by_ip[ip]] = "rule"
-        elif isinstance(e, LinkEvent) and e.name.startswith(HOST_VETH_PREFIX):
+            elif e.kind == "del" and e.priority == IIF_RULE_PRIORITY and e.iifname in by_link:
+                found[by_link[e.iifname]] = "rule"
+        elif isinstance(e, LinkEvent) and e.name.startswith(VLAN_LINK_PREFIX):
+            if (e.kind == "del" or not e.up) and e.name in by_link:
+                found[by_link[e.name]] = "branch link"
+        elif isinstance(e, LinkEvent) and e.name.startswith(HOST_VETH_PREFIXES):
             if e.kind == "del":
                 seen_up.discard(e.name)
             elif e.up:
@@ -117,6 +143,17 @@ def suspects(
                 if e.name in by_veth:
                     found[by_veth[e.name]] = "link down"
     return found
+
+
+def _branch_links(allocs: Mapping[PodKey, Allocation]) -> dict[str, PodKey]:
+    """The names branch pods' priority-10 rules match: VLAN links, strict pods' host veths."""
+    out: dict[str, PodKey] = {}
+    for k, a in allocs.items():
+        if a.sg is not None:
+            out[link_name(a.sg.vlan)] = k
+            if a.sg.strict:
+                out[a.host_veth] = k
+    return out
 
 
 class Repairer:
@@ -146,7 +183,9 @@ class Repairer:
         allocs = self.cni.allocations
         by_ip = _ByIp(self.cni)
         by_veth = _Lazy(lambda: {a.host_veth: k for k, a in allocs.items()})
-        found = suspects(item, by_ip, by_veth, self._seen_up)
+        by_table = _Lazy(lambda: {table_of(a.sg.vlan): k for k, a in allocs.items() if a.sg})
+        by_link = _Lazy(lambda: _branch_links(allocs))
+        found = suspects(item, by_ip, by_veth, self._seen_up, by_table, by_link)
         if found:
             self._pending.update(found)
             self._wake.set()

@@ -139,8 +139,9 @@ class Batch:
     def links(self) -> list[LinkEvent]:
         return [e for e in self.events if isinstance(e, LinkEvent)]
 
-    def links_gone(self, prefix: str = "") -> list[LinkEvent]:
-        """Return the link deletions in this batch whose name starts with ``prefix``."""
+    def links_gone(self, prefix: str | tuple[str, ...] = "") -> list[LinkEvent]:
+        """Return the link deletions in this batch whose name starts with ``prefix`` (or one
+        of several)."""
         return [
             e
             for e in self.events

@@ -46,4 +46,6 @@ def sg_service(
         events=events,
         metrics=SgMetrics(registry),
         link_timeout=cfg.aws.link_timeout,
+        leak_grace=cfg.aws.leak_grace,
+        leak_interval=cfg.aws.leak_interval,
     )

@@ -494,6 +494,31 @@ class BranchManager:
                 moved.append(self._to_cooling(rec, "no pod holds it"))
         return moved
 
+    async def collect_leaked(self, grace: float) -> list[str]:
+        """Delete branch ENIs with our tags that no record knows, not associated, made at least
+        ``grace`` seconds ago (a workflow that died before recording them); return their ids.
+        Raises CloudError when the cloud cannot be read; a failed deletion is logged and left
+        for the next round."""
+        known = {r.eni_id for r in self._records.values() if r.eni_id}
+        now = self.wall()
+        deleted = []
+        for b in await self.cloud.branches():
+            if b.eni_id in known or b.status != "available":
+                continue
+            if b.created_at is None or now - b.created_at < grace:
+                continue
+            try:
+                await self.cloud.delete_branch(b.eni_id)
+            except CloudError as e:
+                log.warning(
+                    "leaked branch not deleted", extra={"branch": b.eni_id, "error": str(e)}
+                )
+                continue
+            log.info("deleted leaked branch ENI", extra={"branch": b.eni_id, "vlan": b.vlan})
+            self.publish("branch.leak-deleted", branch=b.eni_id, vlan=b.vlan)
+            deleted.append(b.eni_id)
+        return deleted
+
     # -- workflows ----------------------------------------------------------------------------
 
     async def _save(self) -> None:

@@ -23,8 +23,10 @@ Theory of operation.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from ipaddress import IPv4Network
 from typing import Any, Protocol
 
 import anyio
@@ -50,7 +52,10 @@ from agent.sg.policy import Decision, PodIdentity, SecurityGroupPolicy, Source, 
 from agent.sg.records import SgAttachment
 from cloud.errors import CloudError, LimitExceeded, NotFound
 from cloud.trunk import BranchCloud
+from netlink.errors import NetlinkError
+from netlink.requests import RT_TABLE_LOCAL
 from netlink.vlan import BranchLink, table_of
+from netlink.watcher import Batch, Item, RuleEvent
 
 log = logging.getLogger("podwire.sg")
 
@@ -182,6 +187,8 @@ class SgService:
         trunk_retry: float = 30.0,
         sweep_interval: float = 10.0,
         link_timeout: float = 60.0,
+        leak_grace: float = 300.0,
+        leak_interval: float = 3600.0,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -198,16 +205,22 @@ class SgService:
         self.trunk_retry = trunk_retry
         self.sweep_interval = sweep_interval
         self.link_timeout = link_timeout
+        self.leak_grace = leak_grace
+        self.leak_interval = leak_interval
         self.state = "disabled" if not settings.enabled else "starting"
         self.reason = "" if settings.enabled else "security_groups.enabled is off"
         self.limit = 0
         self.trunk: Trunk | None = None
         self.manager: BranchManager | None = None
         self.live: Callable[[str], bool] = lambda key: True
+        # Standard-mode pods are SNATed like ordinary ones: their addresses join SNAT's sources.
+        self.on_change: Callable[[], None] = lambda: None
         self._saved: tuple[BranchRecord, ...] = ()
         self._in_use: dict[str, BranchRecord] = {}
         self._eks: dict[str, int] = {}  # pod key -> VLAN of an EKS branch it holds
         self._manager_ready = anyio.Event()
+        self._local_rule_touched = anyio.Event()
+        self.repairs = 0
         self._trunk_changed = anyio.Event()
         self.metrics.watch(self._gauges)
 
@@ -366,6 +379,8 @@ class SgService:
             task_status.started()
             if self.state in ("disabled", "unsupported"):
                 return
+            if self.mode == "strict":
+                tg.start_soon(self._keep_local_rule)
             while self.state != "ready":
                 await anyio.sleep(self.trunk_retry)
                 try:
@@ -375,10 +390,44 @@ class SgService:
             if self.manager is None:
                 return
             await tg.start(self.manager.run)
+            tg.start_soon(self._collect_leaked, self.manager)
             while True:
                 await anyio.sleep(self.sweep_interval)
                 if self.manager.sweep(self.live) and self.commit is not None:
                     await self.commit()
+
+    async def _collect_leaked(self, manager: BranchManager) -> None:
+        """Leaked branches (ours by tag, not associated, no record) go like leaked ENIs: at
+        start, then every ``leak_interval`` (jittered)."""
+        while True:
+            try:
+                await manager.collect_leaked(self.leak_grace)
+            except CloudError as e:
+                log.warning("leaked-branch cleanup failed", extra={"error": str(e)})
+            await anyio.sleep(self.leak_interval * random.uniform(0.9, 1.1))
+
+    def on_watch(self, item: Item) -> None:
+        """Watcher callback: someone touched the node's ``lookup local`` rules (or events were
+        lost): check that strict mode's shape still holds."""
+        if isinstance(item, Batch) and not any(
+            isinstance(e, RuleEvent) and e.table == RT_TABLE_LOCAL for e in item.events
+        ):
+            return
+        self._local_rule_touched.set()
+
+    async def _keep_local_rule(self) -> None:
+        while True:
+            await self._local_rule_touched.wait()
+            self._local_rule_touched = anyio.Event()
+            if self.rules is None:
+                continue
+            try:
+                if await self.rules.move_local_rule():
+                    self.repairs += 1
+                    log.warning("strict mode: put the local rule back at priority 20")
+                    self.events.publish("repaired", what="local rule", fixed="priority 20")
+            except NetlinkError as e:
+                log.warning("strict mode: cannot move the local rule", extra={"error": str(e)})
 
     # -- the CNI service's hook -----------------------------------------------------------------
 
@@ -462,9 +511,10 @@ class SgService:
         )
         return self._lease(rec.ip, att), att
 
-    @staticmethod
-    def _lease(ip: Any, att: SgAttachment) -> Lease:
+    def _lease(self, ip: Any, att: SgAttachment) -> Lease:
         # Standard mode routes by the branch's table (rules 512/1536); strict by iif rules.
+        if not att.strict:
+            self.on_change()
         return Lease(ip=ip, owner=att.branch, table=None if att.strict else table_of(att.vlan))
 
     def release(self, alloc: Allocation) -> None:
@@ -473,6 +523,8 @@ class SgService:
         if att is None:
             return
         key = str(alloc.key)
+        if not att.strict:
+            self.on_change()
         if not att.agent_made:
             held = self._eks.pop(key, None) is not None
             if held and self.manager is not None and att.vlan not in self._eks.values():
@@ -564,6 +616,12 @@ class SgService:
                 )
         rows.sort(key=lambda row: row["vlan"])
         return {**self.status(), "rows": rows}
+
+
+def snat_sources(allocations: Iterable[Allocation]) -> list[IPv4Network]:
+    """The standard-mode pods' addresses: SNATed like ordinary pods' when they leave the VPC
+    (strict-mode pods never are: their traffic all leaves by the branch)."""
+    return [IPv4Network(a.ip) for a in allocations if a.sg is not None and not a.sg.strict]
 
 
 def _pod_name(a: Allocation) -> str:
