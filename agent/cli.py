@@ -80,6 +80,9 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     ]
     # the SNAT state goes only on this explicit request, never when the agent stops
     removed += [f"removed SNAT state ({backend})" for backend in remove_all()]
+    from agent.sg.service import remove_node_state
+
+    removed += [f"removed {what}" for what in remove_node_state()]
     print("\n".join(removed) if removed else "nothing to remove")
     return 0
 

@@ -635,3 +635,27 @@ def _failed(e: BranchFailed, what: str) -> CniError:
     if isinstance(cause, LimitExceeded) and cause.what == "SecurityGroupsPerInterfaceLimitExceeded":
         return CniError(INVALID_SG_REQUEST, "too many security groups for one ENI", f"{what}")
     return CniError(TRY_AGAIN_LATER, "branch ENI could not be made", str(e))
+
+
+def remove_node_state() -> list[str]:
+    """Undo strict mode's node-wide changes (``podwire-agent uninstall``): the local rule back
+    at priority 0 and the strict-mode ingress chains gone. Return what was removed."""
+    from netlink.nftables import Nft, NftError
+    from netlink.veth import Datapath
+    from netlink.vlan import NFT_FAMILY, NFT_TABLE
+
+    removed = []
+    dp = Datapath()
+    try:
+        if dp.restore_local_rule():
+            removed.append("strict mode's local rule at 20 (back at 0)")
+    finally:
+        dp.close()
+    with Nft.open() as nft:
+        try:
+            if nft.list_table_json(NFT_FAMILY, NFT_TABLE) is not None:
+                nft.run(f"delete table {NFT_FAMILY} {NFT_TABLE}\n")
+                removed.append(f"table {NFT_FAMILY} {NFT_TABLE}")
+        except NftError as e:
+            log.warning("strict chains not removed", extra={"error": str(e)})
+    return removed

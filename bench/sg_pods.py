@@ -1,0 +1,188 @@
+"""Security groups for pods, measured on the emulated VPC.
+
+    .venv/bin/python -m bench.sg_pods
+
+1. SG-pod ADD latency (plugin exec'd as a runtime does) with the trunk attached: every ADD
+   makes and associates a branch ENI (min/p50/p95/max over N pods), next to an ordinary pod's
+   ADD on the same node.
+2. EC2 calls per SG pod over a churn of 30 SG pods up and down (branch create + associate,
+   cooldown, disassociate + delete), counted from the agent's own metrics.
+3. A burst of 18 SG pods on an m5.xlarge (its branch limit): time until all answered, with
+   0 and with 100 ms added to every EC2 call (kubelet-style retries on code 11 included).
+
+Prints a table and writes bench/results/sg_pods.json. Needs root; touches only namespaces it
+makes. This kernel has no 802.1Q: branch links are macvlan (the datapath's cost is the same
+shape; see netlink/vlan.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from cloud.aws.ec2 import EC2_ACTIONS_USED as ACTIONS
+from cloud.emulator import Vpc
+from tests.harness import CniResult, Node
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "p50": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "max": ordered[-1],
+    }
+
+
+def sg_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, cooldown: float) -> Node:
+    vnode = vpc.add_node(instance_type, subnet)
+    settings = {
+        "imds_url": vnode.imds_url,
+        "ec2_endpoint": vnode.ec2_url,
+        "region": vpc.region,
+        "refill_interval": 1.0,
+    }
+    node = Node(
+        netns=vnode.netns,
+        primary_ip=vnode.primary_ip,
+        aws=settings,
+        env=CREDS,
+        cooldown=0.0,
+        tag=tag,
+        extra_config=(
+            '[security_groups]\nenabled = true\nbranch_link = "macvlan"\n'
+            f"branch_cooldown = {cooldown}\nbranch_wait = 20.0\n"
+        ),
+    )
+    node.start(timeout=60)
+    return node
+
+
+def conf(node: Node, group: str | None) -> dict[str, Any]:
+    if group is None:
+        return node.plugin_conf()
+    return node.plugin_conf(
+        runtimeConfig={"io.kubernetes.cri.pod-annotations": {"podwire.io/security-groups": group}}
+    )
+
+
+def add_retrying(node: Node, pod: Any, group: str | None) -> CniResult:
+    c = conf(node, group)
+    while True:
+        r = node.add(pod, conf=c)
+        if r.code == 0 or r.doc["code"] != 11:
+            return r
+        time.sleep(0.1)
+
+
+def timed_adds(node: Node, n: int, group: str | None) -> list[float]:
+    out = []
+    for _ in range(n):
+        pod = node.new_pod("b")
+        c = conf(node, group)
+        start = time.perf_counter()
+        r = node.add(pod, conf=c)
+        out.append((time.perf_counter() - start) * 1000)
+        assert r.code == 0, r
+    return out
+
+
+def ec2_calls(node: Node) -> float:
+    total = 0.0
+    for line in node.ctl("metrics").stdout.splitlines():
+        if line.startswith("podwire_ec2_requests_total{"):
+            total += float(line.split()[-1])
+    return total
+
+
+def branches_settled(node: Node, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not node.call("agent.branches")["rows"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("branches did not all go")
+
+
+def main() -> int:
+    results: dict[str, Any] = {}
+    with Vpc.start("10.0.0.0/16") as vpc:
+        subnet = vpc.add_subnet("10.0.0.0/18")
+        ec2 = boto3.client("ec2", **vpc.client_kwargs())
+        app = ec2.create_security_group(GroupName="app", Description="app", VpcId=vpc.vpc_id)[
+            "GroupId"
+        ]
+        # 1. ADD latency, trunk warm
+        node = sg_node(vpc, "m5.4xlarge", subnet, "lat", cooldown=1.0)  # 54 branches
+        try:
+            timed_adds(node, 2, app), timed_adds(node, 2, None)  # warm both paths
+            results["add_ms_sg"] = summary(timed_adds(node, 30, app))
+            results["add_ms_ordinary"] = summary(timed_adds(node, 30, None))
+        finally:
+            node.close()
+
+        # 2. EC2 calls per SG pod over a churn 0 -> 30 -> 0
+        node = sg_node(vpc, "m5.4xlarge", subnet, "churn", cooldown=1.0)
+        try:
+            before = ec2_calls(node)
+            pods = [node.new_pod("ch") for _ in range(30)]
+            with concurrent.futures.ThreadPoolExecutor(8) as ex:
+                assert all(r.code == 0 for r in ex.map(lambda p: add_retrying(node, p, app), pods))
+                assert all(
+                    r.code == 0
+                    for r in ex.map(lambda p: node.delete(p, conf=conf(node, None)), pods)
+                )
+            branches_settled(node)
+            calls = ec2_calls(node) - before
+            results["churn_ec2_calls"] = calls
+            results["churn_ec2_calls_per_sg_pod"] = calls / 30
+        finally:
+            node.close()
+
+        # 3. burst of 18 SG pods on an m5.xlarge, 0 and 100 ms per EC2 call
+        for latency in (0.0, 0.1):
+            for action in ACTIONS:
+                vpc.faults.latency(action, latency)
+            node = sg_node(vpc, "m5.xlarge", subnet, f"burst{int(latency * 1000)}", cooldown=1.0)
+            try:
+                pods = [node.new_pod("bu") for _ in range(18)]
+                start = time.perf_counter()
+                one = functools.partial(add_retrying, node, group=app)
+                with concurrent.futures.ThreadPoolExecutor(18) as ex:
+                    assert all(r.code == 0 for r in ex.map(one, pods))
+                results[f"burst_18_s_at_{int(latency * 1000)}ms_per_call"] = (
+                    time.perf_counter() - start
+                )
+            finally:
+                node.close()
+                vpc.faults.clear()
+
+    a, o = results["add_ms_sg"], results["add_ms_ordinary"]
+    print(f"{'':<38}{'SG pod':>8}{'ordinary':>10}")
+    for k in ("min", "p50", "p95", "max"):
+        print(f"{'ADD ' + k + ' (ms), trunk warm':<38}{a[k]:>8.1f}{o[k]:>10.1f}")
+    print(
+        f"{'EC2 calls per SG pod, 0->30->0':<38}{results['churn_ec2_calls_per_sg_pod']:>8.2f}"
+        f"   ({results['churn_ec2_calls']:.0f} calls)"
+    )
+    for ms in (0, 100):
+        key = f"burst_18_s_at_{ms}ms_per_call"
+        print(f"{f'18 SG pods at once, +{ms} ms/call':<38}{results[key]:>7.2f}s")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sg_pods.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
