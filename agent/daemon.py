@@ -392,7 +392,7 @@ async def run(
                     SgGc(
                         threaded,
                         lambda: list(cni.allocations.values()),
-                        cni._schedule_delete,
+                        cni.deleter.delete,
                         grace=g.missing_grace,
                         clock=cni.clock,
                     )

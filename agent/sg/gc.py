@@ -14,7 +14,7 @@ standard-mode pods are the ordinary pod rules, collected by ``agent.gc``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -158,14 +158,14 @@ class SgGc:
         self,
         kernel: SgKernel,
         allocations: Callable[[], Sequence[Allocation]],
-        delete_link: Callable[[str], None],
+        delete_links: Callable[[list[str]], Awaitable[None]],
         *,
         grace: float = 10.0,
         clock: Callable[[], float],
     ) -> None:
         self.kernel = kernel
         self.allocations = allocations
-        self.delete_link = delete_link  # hands a link to the CNI service's batch deleter
+        self.delete_links = delete_links  # the CNI service's shared link deleter
         self.grace = grace
         self.clock = clock
         self.sightings = SgSightings()
@@ -186,13 +186,13 @@ class SgGc:
         owned = owned_by(self.allocations())
         errors: list[str] = []
         done = 0
-        for name in the_plan.links:
-            if name not in owned.links:
-                self.delete_link(name)
-                done += 1
+        links = [n for n in the_plan.links if n not in owned.links]
         rules = [r for r in the_plan.rules if r not in owned.rules]
         chains = [c for c in the_plan.chains if c not in owned.chains]
         try:
+            if links:
+                await self.delete_links(links)
+                done += len(links)
             if rules:
                 await self.kernel.delete_iif_rules(rules)
                 done += len(rules)

@@ -190,8 +190,8 @@ async def test_a_pod_with_groups_gets_a_branch_and_an_ordinary_pod_the_pool(
         assert [a.sg for a in on_disk.allocations if a.sg] == [alloc.sg]
         assert [b.state for b in on_disk.branches] == [State.ASSOCIATED]
         # DEL: the branch cools for 60 s, then goes
+        await node.cni.delete(req("DEL", "app"))  # the branch cools from its release on
         deleted_at = trio.current_time()
-        await node.cni.delete(req("DEL", "app"))
         assert [b.state for b in ckpt.load(node.cni.checkpoint.path).branches] == [State.COOLING]
         await trio.sleep(61.0)
         assert node.trunk_cloud.times("disassociate") == [pytest.approx(deleted_at + 60.0)]
