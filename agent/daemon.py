@@ -49,6 +49,7 @@ from agent.pool.pool_math import InstanceLimits, max_pods
 from agent.pool.ranges import RangeFollower, RangeSource
 from agent.repair import Repairer
 from agent.sg.gc import SgGc
+from agent.sg.metrics import SgMetrics
 from agent.sg.service import SgService, snat_sources
 from agent.snat.masq import IpMasqPolicy, ip_masq_facts
 from agent.snat.service import SnatService, pool_cidrs
@@ -143,6 +144,7 @@ async def _restore_until_reachable(
     """Open the provider and restore state, retrying with backoff while the cloud cannot be
     reached: the agent stays alive (liveness) and says why it is not ready (readiness)."""
     delay = 1.0
+    sg_metrics = SgMetrics(metrics.registry)  # once: a retried restore makes a new SgService
     while True:
         attempt = AsyncExitStack()
         try:
@@ -157,7 +159,7 @@ async def _restore_until_reachable(
                     watcher=watcher,
                     rules=datapath,
                     events=events,
-                    registry=metrics.registry,
+                    metrics=sg_metrics,
                 )
             cni = CniService(
                 pool=IpPool(cooldown=cfg.ipam.cooldown),

@@ -19,7 +19,7 @@ def sg_service(
     watcher: Any,
     rules: NodeRules,
     events: EventBus,
-    registry: Any,
+    metrics: SgMetrics,
 ) -> SgService:
     """The node's SgService (state "disabled" unless ``[security_groups] enabled``)."""
     from cloud.aws.branches import AwsBranches
@@ -44,7 +44,7 @@ def sg_service(
         branch_cloud=branch_cloud,
         branch_limit=branch_limit,
         events=events,
-        metrics=SgMetrics(registry),
+        metrics=metrics,
         link_timeout=cfg.aws.link_timeout,
         leak_grace=cfg.aws.leak_grace,
         leak_interval=cfg.aws.leak_interval,

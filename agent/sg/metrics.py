@@ -79,6 +79,7 @@ class SgMetrics:
         )
         for w in ("create", "delete"):
             self.workflow_duration.labels(w)
+        self._collector: BranchCollector | None = None
 
     def workflow(self, workflow: str, outcome: str, seconds: float) -> None:
         self.workflows.labels(workflow, outcome).inc()
@@ -88,4 +89,9 @@ class SgMetrics:
         self.adds.labels(source).inc()
 
     def watch(self, state: Callable[[], Mapping[str, float]]) -> None:
-        self.registry.register(BranchCollector(state))
+        """Read the branch gauges from ``state`` (a later call replaces an earlier one: the
+        daemon makes a new SgService on every attempt to restore)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = BranchCollector(state)
+        self.registry.register(self._collector)

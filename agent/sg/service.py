@@ -378,7 +378,7 @@ class SgService:
         async with anyio.create_task_group() as tg:
             task_status.started()
             if self.state in ("disabled", "unsupported"):
-                return
+                await anyio.sleep_forever()  # nothing to do; a service that exits is dead
             if self.mode == "strict":
                 tg.start_soon(self._keep_local_rule)
             while self.state != "ready":
@@ -387,13 +387,15 @@ class SgService:
                     await self._find_trunk(create=self.agent_branches)
                 except CloudError as e:
                     self.reason = f"trunk ENI: {e}"
-            if self.manager is None:
+            manager = self.manager
+            if manager is None:  # EKS's controller makes the branches
+                await anyio.sleep_forever()
                 return
-            await tg.start(self.manager.run)
-            tg.start_soon(self._collect_leaked, self.manager)
+            await tg.start(manager.run)
+            tg.start_soon(self._collect_leaked, manager)
             while True:
                 await anyio.sleep(self.sweep_interval)
-                if self.manager.sweep(self.live) and self.commit is not None:
+                if manager.sweep(self.live) and self.commit is not None:
                     await self.commit()
 
     async def _collect_leaked(self, manager: BranchManager) -> None:

@@ -369,3 +369,39 @@ async def test_restart_keeps_a_live_pods_branch_and_cools_an_orphan(
         assert set(node.trunk_cloud.enis) == {live.sg.branch if live.sg else ""}
         assert node.provider.created == 1  # the trunk was found, not made again
         tg.cancel_scope.cancel()
+
+
+async def test_the_service_never_exits_and_a_restore_retry_reuses_the_metrics(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Health counts an exited service as dead; the daemon makes a new SgService on every
+    restore attempt, all on one registry."""
+    from agent.sg.metrics import SgMetrics
+
+    metrics = SgMetrics()
+    for settings in ({"enabled": False}, {"instance_type": "t3.large"}, {}):
+        node = Node(tmp_path, **settings)
+        node.sg.metrics = metrics
+        again = SgService(
+            node.settings,
+            provider=None,
+            link_waiter=None,
+            rules=None,
+            branch_cloud=None,
+            branch_limit=limits,
+            metrics=metrics,
+        )
+        assert again.state in ("disabled", "starting")
+        ended: list[str] = []
+
+        async def sg_run(sg: SgService = node.sg, ended: list[str] = ended) -> None:
+            await sg.run()
+            ended.append(sg.state)
+
+        async with trio.open_nursery() as tg:
+            await tg.start(node.cni.run)
+            await node.cni.restore(Snapshot())
+            tg.start_soon(sg_run)
+            await trio.sleep(3600.0)
+            assert ended == [], f"the security-groups service exited in state {ended}"
+            tg.cancel_scope.cancel()
