@@ -323,7 +323,7 @@ class SgService:
                 self.events.publish("trunk.created", eni=found.eni_id, device=found.device_index)
             elif found is not None:
                 await self.provider.configure_trunk()
-        except (CloudError, TimeoutError) as e:
+        except (CloudError, NetlinkError, TimeoutError) as e:
             self.state = "no trunk"
             self.reason = f"trunk ENI: {e}"
             log.warning("trunk ENI not ready; retrying", extra={"error": str(e)})
