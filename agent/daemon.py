@@ -160,6 +160,7 @@ async def _restore_until_reachable(
                     rules=datapath,
                     events=events,
                     metrics=sg_metrics,
+                    kube=kube,
                 )
             cni = CniService(
                 pool=IpPool(cooldown=cfg.ipam.cooldown),

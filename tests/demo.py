@@ -4,8 +4,11 @@ An EC2 API with IMDS and a VPC fabric run on this machine (cloud/emulator): a ro
 "internet" namespace, two m5.large nodes whose ENIs are real links. podwire-agent runs in each
 node with the aws provider; pods are added through the installed ``podwire`` plugin exactly as
 a container runtime calls it. Real packets then prove pod<->pod across nodes without NAT,
-node<->pod, and pod->internet through SNAT to the node's address. Everything is removed at the
-end; the machine's own network namespace is never touched.
+node<->pod, and pod->internet through SNAT to the node's address. Then security groups for
+pods: a database VM whose group admits TCP only from group ``app``; on a node in strict mode and
+on one in standard mode, a pod annotated with ``app`` (its own branch ENI on the node's trunk)
+connects and a pod without times out. Everything is removed at the end; the machine's own
+network namespace is never touched.
 
 ``python -m tests.demo --static`` runs the single-node demo of the static provider instead;
 ``python -m tests.demo --gke`` (``make demo-gke``) the GKE VPC-native story: two nodes whose pod
@@ -22,6 +25,7 @@ import time
 from typing import Any
 
 from cloud.emulator import Vpc
+from cloud.emulator.dot1q.links import kernel_has_vlan_devices
 from tests.harness import CniResult, Node, ping
 from tests.netns import Netns
 
@@ -86,7 +90,8 @@ def aws_demo() -> int:
         "Bringing up an emulated VPC 10.0.0.0/16: EC2 API + IMDS (moto, patched), a router and an "
         "internet namespace"
     )
-    with Vpc.start("10.0.0.0/16") as vpc:
+    frames = "802.1q" if branch_link() == "vlan" else "mac"
+    with Vpc.start("10.0.0.0/16", branch_frames=frames) as vpc:
         try:
             subnet = vpc.add_subnet("10.0.0.0/20")
             print(
@@ -182,6 +187,8 @@ def aws_demo() -> int:
                     failures += node.delete(pod).code != 0
                 pool = node.ctl("status").stdout.splitlines()[4].split(":", 1)[1].strip()
                 print(f"  node-{'ab'[i]}: {pool}")
+
+            failures += security_groups_story(vpc, subnet, nodes)
         finally:
             step("Stopping the agents and the emulator; removing every namespace the demo made")
             for s in servers:
@@ -194,6 +201,132 @@ def aws_demo() -> int:
         f"{time.monotonic() - STARTED:.1f} s; the machine's own namespace was not touched"
     )
     return 1 if failures else 0
+
+
+DB_PORT = 5432
+
+
+def branch_link() -> str:
+    """This kernel may lack 802.1Q (CONFIG_VLAN_8021Q): then branch links are macvlan and the
+    VPC tells branches apart by MAC; with 802.1Q, real VLAN links and tagged frames, as on EC2."""
+    return "vlan" if kernel_has_vlan_devices() else "macvlan"
+
+
+def connect(pod: Netns, ip: str, port: int, timeout: float = 3.0) -> str | None:
+    """One real TCP exchange: the address the server saw, or None when it never connected."""
+    code = (
+        "import socket\n"
+        f"s=socket.create_connection(('{ip}',{port}),timeout={timeout})\n"
+        "s.sendall(b'hello\\n'); print(s.makefile().readline().strip())\n"
+    )
+    done = pod.run(sys.executable, "-c", code, check=False, timeout=timeout + 15)
+    return done.stdout.strip().split(":")[0] if done.returncode == 0 else None
+
+
+def security_groups_story(vpc: Vpc, subnet: Any, nodes: list[Node]) -> int:
+    """A database VM whose group admits TCP only from group ``app``: a pod annotated with
+    ``app`` reaches it, a pod without does not, in strict and in standard mode."""
+    import boto3
+
+    failures = 0
+    step(
+        "Security groups for pods: a database VM whose group admits TCP 5432 only from the "
+        "group 'app'"
+    )
+    ec2 = boto3.client("ec2", **vpc.client_kwargs())
+
+    def group(name: str) -> str:
+        made = ec2.create_security_group(GroupName=name, Description=name, VpcId=vpc.vpc_id)
+        return str(made["GroupId"])
+
+    app, db = group("app"), group("db")
+    ec2.authorize_security_group_ingress(
+        GroupId=db,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": DB_PORT,
+                "ToPort": DB_PORT,
+                "UserIdGroupPairs": [{"GroupId": app}],
+            }
+        ],
+    )
+    vm = vpc.add_instance(subnet, security_groups=[db])
+    vm.serve(DB_PORT)
+    print(f"  groups: app {app}, db {db} (inbound tcp/{DB_PORT} from app only)")
+    print(f"  database VM {vm.instance_id} at {vm.primary_ip}:{DB_PORT}, group db")
+    for mode in ("strict", "standard"):
+        name = f"node-{mode[:3]}"
+        step(
+            f"{name}: an m5.large with [security_groups] enabled, enforcing_mode = {mode}: the "
+            "agent attaches a trunk ENI"
+        )
+        vnode = vpc.add_node("m5.large", subnet)
+        aws: dict[str, Any] = {
+            "imds_url": vnode.imds_url,
+            "ec2_endpoint": vnode.ec2_url,
+            "region": vpc.region,
+        }
+        node = Node(
+            netns=vnode.netns,
+            primary_ip=vnode.primary_ip,
+            aws=aws,
+            env=CREDS,
+            tag=name,
+            extra_config=(
+                f'[security_groups]\nenabled = true\nenforcing_mode = "{mode}"\n'
+                f'branch_link = "{branch_link()}"\nbranch_cooldown = 10.0\n'
+            ),
+        )
+        nodes.append(node)
+        node.start()
+        print("  " + node.ctl("status").stdout.splitlines()[-1])
+        pods: dict[str, tuple[Netns, str]] = {}
+        for pod_name, wanted in (
+            ("orders", {"podwire.io/security-groups": app}),
+            ("batch", {}),
+        ):
+            pod = node.new_pod("sg")
+            c = node.plugin_conf(runtimeConfig={"io.kubernetes.cri.pod-annotations": wanted})
+            while True:
+                r = node.add(pod, conf=c, args=f"K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod_name}")
+                if r.code == 0 or r.doc["code"] != 11:
+                    break
+                time.sleep(0.2)
+            failures += not show(
+                f"ADD shop/{pod_name}"
+                + (f" (annotation podwire.io/security-groups: {app})" if wanted else ""),
+                r.code == 0,
+                r.ip if r.code == 0 else str(r.doc),
+            )
+            pods[pod_name] = (pod, r.ip)
+        print(node.ctl("branches").stdout)
+        print(node.ctl("pods").stdout)
+        rules = node.netns.run("ip", "rule").stdout
+        print("  the node's ip rule:\n" + "".join(f"    {line}\n" for line in rules.splitlines()))
+        (orders, orders_ip), (batch, _) = pods["orders"], pods["batch"]
+        seen = connect(orders, vm.primary_ip, DB_PORT)
+        failures += not show(
+            f"shop/orders ({orders_ip}, group app) -> database {vm.primary_ip}:{DB_PORT}: "
+            f"connected, the database sees {seen}",
+            seen == orders_ip,
+        )
+        drops = vpc.drops(vm.eni_id).inbound
+        started = time.monotonic()
+        seen = connect(batch, vm.primary_ip, DB_PORT)
+        failures += not show(
+            f"shop/batch (no groups of its own: the node's) -> database: "
+            f"{'connected?!' if seen else 'timed out'} after {time.monotonic() - started:.1f}s",
+            seen is None and vpc.drops(vm.eni_id).inbound > drops,
+            f"(the VPC dropped it silently: {vpc.drops(vm.eni_id).inbound - drops} packets)",
+        )
+        for pod, _ in pods.values():
+            failures += node.delete(pod).code != 0
+        print("  after DEL, the branch cools down before it is deleted:")
+        print(node.ctl("branches").stdout)
+        node.close()
+        nodes.remove(node)
+    return failures
 
 
 def static_demo() -> int:

@@ -48,9 +48,9 @@ from agent.cni.spec import (
 )
 from agent.events import EventBus
 from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
-from agent.trace import mark
 from agent.sg.branches import BranchRecord
 from agent.sg.records import SgAttachment
+from agent.trace import mark
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
 from netlink.names import host_veth_name, host_veth_names

@@ -20,8 +20,10 @@ def sg_service(
     rules: NodeRules,
     events: EventBus,
     metrics: SgMetrics,
+    kube: Any = None,
 ) -> SgService:
-    """The node's SgService (state "disabled" unless ``[security_groups] enabled``)."""
+    """The node's SgService (state "disabled" unless ``[security_groups] enabled``); with the
+    agent's Kubernetes watch (``kube``), SecurityGroupPolicy objects select pods too."""
     from cloud.aws.branches import AwsBranches
     from cloud.aws.trunking import branch_limit
 
@@ -36,8 +38,15 @@ def sg_service(
             cluster_name=cfg.aws.cluster_name or None,
         )
 
+    groups = None
+    if kube is not None and cfg.security_groups.enabled:
+        from agent.sg.kube import KubeGroups
+
+        groups = KubeGroups(kube, pod_wait=cfg.kubernetes.pod_wait)
     return SgService(
         cfg.security_groups,
+        policies=groups,
+        identities=groups,
         provider=provider,
         link_waiter=watcher,
         rules=rules,

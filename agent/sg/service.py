@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from ipaddress import IPv4Network
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from agent.sg.branches import (
     BranchRecord,
     State,
 )
+from agent.sg.kube import Facts
 from agent.sg.metrics import SgMetrics
 from agent.sg.policy import Decision, PodIdentity, SecurityGroupPolicy, Source, decide
 from agent.sg.records import SgAttachment
@@ -71,11 +72,10 @@ class PolicySource(Protocol):
 
 
 class IdentitySource(Protocol):
-    """A pod's labels and its service account's labels (None: not known)."""
+    """What the cluster says of a pod: its labels, its service account's labels, its
+    annotations (``agent.sg.kube.KubeGroups`` over the agent's watch)."""
 
-    def labels(
-        self, namespace: str, name: str
-    ) -> tuple[Mapping[str, str] | None, Mapping[str, str] | None]: ...
+    async def facts(self, namespace: str, name: str, uid: str) -> Facts: ...
 
 
 class NoPolicies:
@@ -94,10 +94,10 @@ class StaticPolicies:
 
 
 class NoIdentities:
-    def labels(
-        self, namespace: str, name: str
-    ) -> tuple[Mapping[str, str] | None, Mapping[str, str] | None]:
-        return None, None
+    """No cluster to ask: labels unknown (selectors see none), annotations from the runtime."""
+
+    async def facts(self, namespace: str, name: str, uid: str) -> Facts:
+        return Facts()
 
 
 class TrunkInfo(Protocol):
@@ -151,19 +151,12 @@ class Trunk:
     index: int
 
 
-def pod_identity(req: CniRequest, identities: IdentitySource) -> PodIdentity:
-    """The request as the decision sees it: annotations from runtimeConfig, then CNI_ARGS
-    (for runtimes without the capability) for the keys runtimeConfig lacks."""
+def request_annotations(req: CniRequest) -> dict[str, str]:
+    """The pod's annotations as the runtime passed them: runtimeConfig's, then CNI_ARGS (for
+    runtimes without the capability) for the keys runtimeConfig lacks."""
     annotations = {k: v for k, v in req.args.items() if k in ANNOTATIONS}
     annotations.update(req.annotations)
-    labels, sa_labels = identities.labels(req.pod_namespace, req.pod_name)
-    return PodIdentity(
-        namespace=req.pod_namespace,
-        name=req.pod_name,
-        labels=labels,
-        service_account_labels=sa_labels,
-        annotations=annotations,
-    )
+    return annotations
 
 
 class SgService:
@@ -433,11 +426,32 @@ class SgService:
 
     # -- the CNI service's hook -----------------------------------------------------------------
 
-    def decision(self, req: CniRequest) -> Decision:
-        """The pod's groups; raises CniError(111) for an unusable annotation."""
-        pod = pod_identity(req, self.identities)
+    async def decision(self, req: CniRequest) -> Decision:
+        """The pod's groups. The runtime's annotations first (no cluster needed); then the
+        cluster's view of the pod (labels, service account, annotations) and the policies.
+        Raises CniError: 111 for an unusable annotation, 11 while the cluster's view of the
+        pod is not complete enough to decide."""
+        ns, name = req.pod_namespace, req.pod_name
+        annotations = request_annotations(req)
         try:
-            return decide(pod, self.policies.policies(pod.namespace))
+            first = decide(PodIdentity(namespace=ns, name=name, annotations=annotations))
+            if first.source is not Source.NONE:
+                return first
+            facts = await self.identities.facts(ns, name, req.args.get("K8S_POD_UID", ""))
+            if facts.pending:
+                raise CniError(
+                    TRY_AGAIN_LATER,
+                    "the pod's security groups cannot be decided yet",
+                    facts.pending,
+                )
+            pod = PodIdentity(
+                namespace=ns,
+                name=name,
+                labels=facts.labels,
+                service_account_labels=facts.service_account_labels,
+                annotations={**facts.annotations, **annotations},
+            )
+            return decide(pod, self.policies.policies(ns))
         except AnnotationError as e:
             raise CniError(INVALID_SG_REQUEST, "invalid security groups request", str(e)) from None
 
@@ -448,7 +462,7 @@ class SgService:
         unknown group), 112 when this node cannot give groups at all, 11 (try again later)
         while the trunk or the branch is not ready, or the trunk is full.
         """
-        decision = self.decision(req)
+        decision = await self.decision(req)
         if decision.source is Source.NONE:
             return None
         self.metrics.add(decision.source.value)
