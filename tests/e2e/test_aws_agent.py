@@ -261,16 +261,21 @@ def test_agent_killed_during_an_eni_attach_leaks_nothing(vpc: Vpc) -> None:
         live = {pod["container_id"]: pod["ip"] for pod in node.call("agent.pods")}
         assert all(live[name] == ip for name, ip in ok.items())
         assert len(set(live.values())) == len(live) == 12  # no address twice
-        # every ENI with our tag ends attached to the node: adopted, or deleted if it never was
-        cloud = until(
-            lambda: our_enis_in_cloud(vpc, vnode),
-            lambda found: all(e["Status"] == "in-use" for e in found),
-            timeout=30,
-        )
+
+        # every ENI with our tag ends attached to the node and known to the agent: adopted, or
+        # deleted if it never was. The refiller may still be adding a warm ENI (in-use in EC2
+        # before the agent has configured its link), so wait for both views to settle together.
+        def views() -> tuple[list[Any], set[str]]:
+            return our_enis_in_cloud(vpc, vnode), {e["eni"] for e in enis(node) if not e["primary"]}
+
+        def settled(got: tuple[list[Any], set[str]]) -> bool:
+            cloud, known = got
+            in_use = all(e["Status"] == "in-use" for e in cloud)
+            return in_use and {e["NetworkInterfaceId"] for e in cloud} == known
+
+        cloud, known = until(views, settled, timeout=60)
         assert all(e["Status"] == "in-use" for e in cloud), cloud
-        assert {e["NetworkInterfaceId"] for e in cloud} == {
-            e["eni"] for e in enis(node) if not e["primary"]
-        }
+        assert {e["NetworkInterfaceId"] for e in cloud} == known
     finally:
         node.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -242,7 +243,9 @@ def test_cleanup_removes_what_a_crashed_run_left() -> None:
         text=True,
         check=True,
     )
-    assert "removed 3 namespace(s)" in done.stdout
+    # Another run's cleanup on this machine may remove the dead pid's namespaces first (then
+    # this one reports fewer): what must hold is that none of them is left.
+    assert re.search(r"removed [0-3] namespace\(s\)", done.stdout), done.stdout
     assert not any(os.path.exists(f"/run/netns/{n}") for n in names)
 
 
