@@ -242,14 +242,18 @@ def active_connections(node: Node) -> int:
 
 def idle_connections(node: Node, plugin: Plugin, count: int, pods: int) -> dict[str, float]:
     """ADD p50 with ``count`` idle connections held open on the agent's socket, against none,
-    in alternating sets of ``pods`` (issue 15 item 5: a local client must not slow the plugin).
+    in alternating sets of 5 ADDs (issue 15 item 5: a local client must not slow the plugin).
     """
     plain: list[float] = []
     loaded: list[float] = []
     store = Pods()
     try:
-        for _ in range(2):
-            for sample, hold in ((plain, 0), (loaded, count)):
+        batch = store.fresh(pods)
+        for start in range(0, pods, 10):
+            for sample, hold, part in (
+                (plain, 0, batch[start : start + 5]),
+                (loaded, count, batch[start + 5 : start + 10]),
+            ):
                 held = []
                 try:
                     for _ in range(hold):
@@ -258,14 +262,11 @@ def idle_connections(node: Node, plugin: Plugin, count: int, pods: int) -> dict[
                         held.append(s)
                     while hold and active_connections(node) < hold:  # all accepted: idle
                         time.sleep(0.05)
-                    batch = store.fresh(pods)
-                    sample += [plugin.run("ADD", p) for p in batch]
-                    for p in batch:
-                        plugin.run("DEL", p)
+                    sample += [plugin.run("ADD", p) for p in part]
                 finally:
                     for s in held:
                         s.close()
-                store.close()
+        plugin.burst("DEL", batch, 8)
     finally:
         store.close()
     return {
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(measure(plugins, args.pods, args.rounds))
         results["agent_rss_mib"] = rss_at(nodes["podwire-tmpfs"], plugins[0], args.rss_pods) / 1024
         results["rss_pods"] = args.rss_pods
-        results["idle_connections"] = idle_connections(nodes["podwire-tmpfs"], plugins[0], 500, 25)
+        results["idle_connections"] = idle_connections(nodes["podwire-tmpfs"], plugins[0], 500, 100)
     finally:
         for node in nodes.values():
             node.close()
