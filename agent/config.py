@@ -202,6 +202,11 @@ class SecurityGroupsSection:
     branch_link: Literal["vlan", "macvlan"] = "vlan"
     branch_wait: float = 20.0  # an ADD waits this long for its branch, then answers code 11
     branch_deadline: float = 120.0  # create + associate, or disassociate + delete
+    # The same choice as ``branches``, by issue 12's names: "eks" = "controller" (EKS's resource
+    # controller makes the branches; with [kubernetes], the agent asks for them on its CNINode
+    # as aws-node does), "agent" = "agent"; "" = as ``branches`` says.
+    branch_source: Literal["", "agent", "eks"] = ""
+    trunk_retry: float = 30.0  # how often a missing trunk ENI is looked for again
 
 
 @attrs.frozen(kw_only=True)
@@ -362,6 +367,13 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
                 setting = f"{section}.{key}"
                 raw[section][key] = _convert(setting, attr, environ[var])
                 sources[setting] = f"env {var}"
+    source = raw["security_groups"].get("branch_source", "")
+    if source:
+        branches = "controller" if source == "eks" else "agent"
+        if raw["security_groups"].setdefault("branches", branches) != branches:
+            raise ConfigError(
+                "security_groups.branch_source", f"{source!r} contradicts security_groups.branches"
+            )
     cfg = Config(**{s: SECTIONS[s](**raw[s]) for s in SECTIONS}, sources=sources)
     _check(cfg)
     return cfg

@@ -368,6 +368,8 @@ async def run(
                 )
                 if cni.sg is not None:
                     await tg.start(health.run, "security-groups", cast("SgService", cni.sg).run)
+                    if kube is not None and cfg.security_groups.enabled:
+                        await _start_sg_feeds(tg, health, cni, kube, kube_client, metrics, events)
             if provider.name == "gce" or hasattr(provider, "watch_ranges"):
                 follower = RangeFollower(
                     cni.pool, cast(RangeSource, provider), on_change=pool_changed, events=events
@@ -521,6 +523,39 @@ async def _start_kube(
     metrics.registry.register(KubeCollector(kube))
     log.info("watching the cluster", extra={"server": client.server, "node": name})
     return await tg.start(health.run, "kubernetes", kube.run)
+
+
+async def _start_sg_feeds(
+    tg: anyio.abc.TaskGroup,
+    health: Health,
+    cni: CniService,
+    kube: Any,
+    client: Any,
+    metrics: Metrics,
+    events: EventBus,
+) -> None:
+    """Live changes of running pods' groups, from the cluster."""
+    from agent.kube.feeds import start_live_groups
+
+    sg = cast("SgService", cni.sg)
+    live = await start_live_groups(
+        tg,
+        health,
+        cni=cni,
+        sg=sg,
+        kube=kube,
+        client=client,
+        registry=metrics.registry,
+        events=events,
+    )
+    kube.extra_status["groups"] = live.status
+    if sg.settings.branches == "controller":  # EKS's resource controller makes the branches
+        from agent.kube.cninode import CniNodeFeature
+
+        feature = await tg.start(
+            health.run, "cninode-feature", CniNodeFeature(client, kube.node_name).run
+        )
+        kube.extra_status["cninode"] = feature.status
 
 
 def sg_policies_wanted(cfg: Config) -> bool:

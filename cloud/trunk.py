@@ -68,6 +68,11 @@ class BranchCloud(Protocol):
         """Delete the branch ENI; one already gone is fine."""
         ...
 
+    async def set_groups(self, eni_id: str, groups: Sequence[str]) -> None:
+        """Replace the branch's security groups (the whole set, 1-5): a running pod's groups
+        change in place (ModifyNetworkInterfaceAttribute)."""
+        ...
+
     async def branches(self) -> Sequence[BranchEni]:
         """Every branch ENI this node's agent made (by tag), associated or not."""
         ...

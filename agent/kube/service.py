@@ -117,6 +117,8 @@ class KubeService:
         self._sa_scopes: dict[str, anyio.CancelScope] = {}
         self._sa_wanted_changed = anyio.Event()
         self._changed = anyio.Event()
+        # more of ``agentctl kube`` from those who use the view (the live security groups)
+        self.extra_status: dict[str, Callable[[], Any]] = {}
 
     def __repr__(self) -> str:
         parts = [repr(r) for r in self.reflectors()]
@@ -249,6 +251,7 @@ class KubeService:
             "node": self.node_name,
             "watches": [r.status.as_dict() for r in self.reflectors()],
             "pods": sorted(f"{p.namespace}/{p.name}" for p in self.pods.store),
+            **{name: status() for name, status in self.extra_status.items()},
         }
 
 

@@ -42,7 +42,11 @@ def sg_service(
     if kube is not None and cfg.security_groups.enabled:
         from agent.sg.kube import KubeGroups
 
-        groups = KubeGroups(kube, pod_wait=cfg.kubernetes.pod_wait)
+        groups = KubeGroups(
+            kube,
+            pod_wait=cfg.kubernetes.pod_wait,
+            eks=cfg.security_groups.branches == "controller",
+        )
     return SgService(
         cfg.security_groups,
         policies=groups,
@@ -57,4 +61,5 @@ def sg_service(
         link_timeout=cfg.aws.link_timeout,
         leak_grace=cfg.aws.leak_grace,
         leak_interval=cfg.aws.leak_interval,
+        trunk_retry=cfg.security_groups.trunk_retry,
     )

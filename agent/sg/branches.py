@@ -338,6 +338,29 @@ class BranchManager:
         ends = [r.since + self.cooldown for r in self._records.values() if r.state is State.COOLING]
         return max(0.0, min(ends) - self.wall()) if ends else None
 
+    # -- live changes -------------------------------------------------------------------------
+
+    async def retarget(self, key: str, groups: tuple[str, ...]) -> BranchRecord:
+        """Give the associated branch of pod ``key`` the security groups ``groups`` (EC2
+        replaces the whole set), under the workflow deadline; return its record. Raises
+        BranchError when the pod has no associated branch, CloudError (or TimeoutError) when
+        EC2 refuses: the record keeps the groups the branch still has."""
+        rec = self.of_pod(key)
+        if rec is None or rec.state is not State.ASSOCIATED or not rec.eni_id:
+            raise BranchError(f"pod {key} has no associated branch ENI")
+        if rec.groups == groups:
+            return rec
+        with anyio.fail_after(self.deadline):
+            await self.cloud.set_groups(rec.eni_id, groups)
+        now = self._records.get(rec.rid)
+        if now is None:  # released while EC2 answered: the branch has the groups regardless
+            return attrs.evolve(rec, groups=groups)
+        now = attrs.evolve(now, groups=groups)
+        self._records[rec.rid] = now
+        self.publish("branch.retargeted", branch=rec.eni_id, vlan=rec.vlan, groups=list(groups))
+        await self._save()
+        return now
+
     # -- external VLANs (EKS-made branches on our trunk) -------------------------------------
 
     def hold_external(self, vlan: int, what: str) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import anyio
 import attrs
 
+from agent.sg.annotations import POD_ENI
 from agent.sg.policy import LabelSelector, Requirement, SecurityGroupPolicy
 
 
@@ -95,26 +97,45 @@ class Kube(Protocol):
     async def wait_pod(self, namespace: str, name: str, uid: str, timeout: float) -> Any: ...
     def service_account(self, namespace: str, name: str) -> Any: ...
     def service_accounts_known(self, namespace: str) -> bool: ...
+    def pod(self, namespace: str, name: str) -> Any: ...
+    async def changed(self) -> None: ...
 
 
 class KubeGroups:
     """``PolicySource`` and ``IdentitySource`` over the agent's watch of its cluster."""
 
-    def __init__(self, kube: Kube, *, pod_wait: float = 5.0) -> None:
+    def __init__(self, kube: Kube, *, pod_wait: float = 5.0, eks: bool = False) -> None:
         self.kube = kube
         self.pod_wait = pod_wait
+        # EKS's resource controller makes the branches: a pod that asks for
+        # vpc.amazonaws.com/pod-eni waits (pod_wait) for the controller's annotation
+        self.eks = eks
 
     def policies(self, namespace: str) -> Sequence[SecurityGroupPolicy]:
         found = (policy(p) for p in self.kube.policies_of(namespace))
         return [p for p in found if p is not None]
 
     async def facts(self, namespace: str, name: str, uid: str) -> Facts:
+        listed = getattr(self.kube, "policies", None)  # the policies' reflector
+        if getattr(getattr(listed, "status", None), "synced", True) is False:
+            # deciding without the policies would put a pod they select on the shared pool
+            return Facts(pending=f"SecurityGroupPolicy objects not listed yet ({_cause(listed)})")
         usable = [p for p in self.policies(namespace) if p.usable]
         pod = await self.kube.wait_pod(namespace, name, uid, self.pod_wait) if name else None
         if pod is None:
             if usable:
-                return Facts(pending=f"pod {namespace}/{name} is not in the agent's cache yet")
+                return Facts(
+                    pending=f"pod {namespace}/{name} is not in the agent's cache yet"
+                    + _unreachable(self.kube)
+                )
             return Facts()
+        if self.eks and pod.requests_pod_eni and POD_ENI not in pod.annotations:
+            pod = await self._wait_pod_eni(pod, uid)
+            if POD_ENI not in pod.annotations:
+                return Facts(
+                    pending=f"pod {namespace}/{name} asks for {POD_ENI}: waiting for EKS's "
+                    "resource controller to make its branch ENI" + _unreachable(self.kube)
+                )
         sa_labels = None
         if any(p.service_account_selector is not None for p in usable):
             if not self.kube.service_accounts_known(namespace):
@@ -127,3 +148,32 @@ class KubeGroups:
         return Facts(
             labels=pod.labels, service_account_labels=sa_labels, annotations=pod.annotations
         )
+
+    async def _wait_pod_eni(self, pod: Any, uid: str) -> Any:
+        """The pod once its ``vpc.amazonaws.com/pod-eni`` annotation is in the cache (up to
+        ``pod_wait``); the pod as it was when it is not."""
+        with anyio.move_on_after(self.pod_wait):
+            while True:
+                now = self.kube.pod(pod.namespace, pod.name)
+                if now is not None and (not uid or now.uid == uid) and POD_ENI in now.annotations:
+                    return now
+                if not _connected(self.kube):
+                    break
+                await self.kube.changed()
+        return pod
+
+
+def _cause(reflector: Any) -> str:
+    return str(reflector.status.last_error or "the first list has not landed")
+
+
+def _connected(kube: Any) -> bool:
+    """Whether the pods' watch is up (a view without one counts as up)."""
+    return bool(getattr(getattr(getattr(kube, "pods", None), "status", None), "connected", True))
+
+
+def _unreachable(kube: Any) -> str:
+    """``; the Kubernetes API cannot be reached: <why>`` while the pods' watch is down."""
+    if _connected(kube):
+        return ""
+    return f"; the Kubernetes API cannot be reached: {_cause(kube.pods)}"

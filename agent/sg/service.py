@@ -119,6 +119,7 @@ class TrunkProvider(Protocol):
     @property
     def instance_type(self) -> str: ...
     def trunk(self) -> TrunkInfo | None: ...
+    async def find_trunk(self) -> TrunkInfo | None: ...
     async def create_trunk(self) -> TrunkInfo: ...
     async def configure_trunk(self) -> TrunkInfo: ...
 
@@ -311,6 +312,8 @@ class SgService:
         assert self.provider is not None
         found = self.provider.trunk()
         try:
+            if found is None and not create:
+                found = await self.provider.find_trunk()  # EKS's controller attaches it
             if found is None and create:
                 found = await self.provider.create_trunk()
                 self.events.publish("trunk.created", eni=found.eni_id, device=found.device_index)

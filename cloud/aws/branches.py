@@ -122,6 +122,9 @@ class AwsBranches:
         with contextlib.suppress(NotFound):
             await self.ec2.delete_network_interface(eni_id)
 
+    async def set_groups(self, eni_id: str, groups: Sequence[str]) -> None:
+        await self.ec2.set_security_groups(eni_id, groups)
+
     async def branches(self) -> Sequence[BranchEni]:
         found = await self.ec2.describe_network_interfaces(
             filters={

@@ -503,6 +503,12 @@ class Ec2:
             Attachment={"AttachmentId": attachment_id, "DeleteOnTermination": True},
         )
 
+    async def set_security_groups(self, eni_id: str, groups: Sequence[str]) -> None:
+        """Replace the ENI's security groups (the whole set; EC2 needs at least one)."""
+        await self.call(
+            "ModifyNetworkInterfaceAttribute", NetworkInterfaceId=eni_id, Groups=list(groups)
+        )
+
     async def assign_private_ips(self, eni_id: str, count: int) -> tuple[IPv4Address, ...]:
         """Add ``count`` secondary IPs to the ENI in one call; return the new addresses."""
         reply = await self.call(

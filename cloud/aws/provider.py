@@ -333,6 +333,17 @@ class AwsProvider:
         """The trunk ENI attached to this instance (security groups for pods), if any."""
         return self._trunk
 
+    async def find_trunk(self) -> EniInfo | None:
+        """Look at EC2 again for a trunk attached since ``inventory`` (EKS's resource
+        controller attaches it once the node asks for SecurityGroupsForPods); raises
+        CloudError."""
+        if self._trunk is None:
+            for eni in await self._attached():
+                if eni.interface_type == "trunk" and eni.attachment is not None:
+                    self._trunk = await self._record(eni)
+                    break
+        return self._trunk
+
     @property
     def primary_groups(self) -> tuple[str, ...]:
         """The primary ENI's security groups (what new ENIs get unless configured)."""

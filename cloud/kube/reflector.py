@@ -108,10 +108,10 @@ class Reflector(Generic[T]):
         state = "connected" if s.connected else "disconnected"
         return f"<Reflector {self.name} {state} synced={s.synced} {self.store!r}>"
 
-    def _changed(self, changes: list[Change[T]]) -> None:
+    def _changed(self, changes: list[Change[T]], *, force: bool = False) -> None:
         self.status.objects = len(self.store)
         self.status.resource_version = self.store.resource_version or ""
-        if changes:
+        if changes or force:
             self.on_change(self, changes)
 
     def _connected(self) -> None:
@@ -152,7 +152,8 @@ class Reflector(Generic[T]):
                 continue
             self.status.lists += 1
             self._connected()
-            self._changed(self.store.replace(objects, rv))
+            # readers hear of the first list even when it is empty (they wait for a view)
+            self._changed(self.store.replace(objects, rv), force=not self.status.synced)
             if not self.status.synced:
                 log.info("kubernetes watch of %s synced: %d objects", self.name, len(objects))
             self.status.synced = True

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import http.client
 import json
 import os
@@ -99,6 +100,7 @@ class ControlPlane:
         # the agents' credentials as deploy/kubernetes's service account (filled by
         # install_agent_identity once the API serves): a kubeconfig with its token, and the
         # files kubelet would mount into its pod (in-cluster credentials)
+        self.apiserver_starts: list[tuple[datetime.datetime, datetime.datetime]] = []
         self.agent_kubeconfig = self.dir / "podwire-agent.kubeconfig"
         self.agent_sa_dir = self.dir / "podwire-agent-sa"
 
@@ -222,6 +224,7 @@ class ControlPlane:
             "apiserver-kubelet-client", cn="kube-apiserver-kubelet-client", orgs=("system:masters",)
         )
         self.audit_log = self.dir / "audit.log"
+        starting = datetime.datetime.now(datetime.UTC)
         policy = self.dir / "audit-policy.json"
         policy.write_text(
             json.dumps(
@@ -273,6 +276,8 @@ class ControlPlane:
                 _log_tail(self.dir / "kube-apiserver.log") + "\n" + _log_tail(self.dir / "etcd.log")
             ),
         )
+        # until it says it is ready, a starting API server may refuse what its RBAC allows
+        self.apiserver_starts.append((starting, datetime.datetime.now(datetime.UTC)))
 
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver (SIGTERM: it closes its connections, watches included)."""
@@ -582,7 +587,9 @@ class Cluster:
         images, etcd, kube = artifacts.images(), artifacts.etcd(), artifacts.kube()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
-            vpc = stack.enter_context(Vpc.start(VPC_CIDR))
+            # branch ENIs by MAC: this kernel has no 802.1Q devices for the node side to tag
+            # with (the agents' branch_link is macvlan)
+            vpc = stack.enter_context(Vpc.start(VPC_CIDR, branch_frames="mac"))
             cp = ControlPlane(vpc.add_node(instance_type), kube, etcd)
             stack.callback(cp.close)
             workers: dict[str, Worker] = {}
@@ -595,7 +602,8 @@ class Cluster:
                     vpc,
                     vnode,
                     name=provider,
-                    provider=provider,
+                    # "eks": an aws worker whose branch ENIs EKS's resource controller makes
+                    provider="aws" if provider == "eks" else provider,
                     images=images,
                     agent_config=(agent_config or {}).get(provider, ""),
                 )

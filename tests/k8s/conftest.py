@@ -26,6 +26,16 @@ MACHINE_PATHS = (
 )
 
 PROVIDERS = ("static", "aws")
+# The aws worker gives pods security groups (branch ENIs on its trunk, strict mode) from the
+# SecurityGroupPolicy objects its agent watches; every other pod there is an ordinary pod.
+# This kernel has no 802.1Q: branch links are macvlan, which the emulated VPC tells apart by MAC.
+SG = '[security_groups]\nenabled = true\nbranch_link = "macvlan"\nbranch_cooldown = 2.0\n'
+AGENT_CONFIG = {
+    "aws": SG,
+    # EKS drop-in: branch ENIs made by (a stand-in for) EKS's resource controller, which the
+    # agent asks for on its CNINode (tests/k8s/eks_controller.py runs in test_sg.py)
+    "eks": SG + 'branch_source = "eks"\ntrunk_retry = 1.0\n',
+}
 
 
 def machine_paths() -> dict[str, bool]:
@@ -41,7 +51,7 @@ def machine_before() -> tuple[dict[str, str], dict[str, bool]]:
 def cluster(machine_before: tuple[dict[str, str], dict[str, bool]]) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces")
-    with Cluster.running(PROVIDERS) as running:
+    with Cluster.running((*PROVIDERS, "eks"), agent_config=AGENT_CONFIG) as running:
         yield running
     sysctls, paths = machine_before
     assert machine_sysctls() == sysctls

@@ -358,6 +358,17 @@ class FakeTrunk:
             if a.branch_id == eni_id:
                 del self.assocs[aid]
 
+    async def set_groups(self, eni_id: str, groups: Sequence[str]) -> None:
+        await self._enter("set_groups", eni_id, tuple(groups))
+        if eni_id not in self.enis:
+            raise NotFound("ModifyNetworkInterfaceAttribute", "InvalidNetworkInterfaceID.NotFound")
+        for g in groups:
+            if not g.startswith("sg-"):
+                raise NotFound(
+                    "ModifyNetworkInterfaceAttribute", "InvalidSecurityGroupID.NotFound", g
+                )
+        self.enis[eni_id] = attrs.evolve(self.enis[eni_id], groups=tuple(groups))
+
     async def branches(self) -> list[Any]:
         await self._enter("branches")
         return list(self.enis.values())

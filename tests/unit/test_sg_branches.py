@@ -12,6 +12,7 @@ import trio.testing
 
 from agent.sg.branches import (
     Backoff,
+    BranchError,
     BranchFailed,
     BranchLimitReached,
     BranchManager,
@@ -21,7 +22,7 @@ from agent.sg.branches import (
     lowest_free_vlan,
     reconcile,
 )
-from cloud.errors import CloudUnavailable, Throttled
+from cloud.errors import CloudUnavailable, NotFound, Throttled
 from cloud.trunk import BranchAssociation, BranchEni
 from tests.unit.fake_cloud import FakeTrunk
 
@@ -368,3 +369,29 @@ async def test_lowest_free_vlan() -> None:
     assert lowest_free_vlan([]) == 1
     assert lowest_free_vlan([1, 2, 4]) == 3
     assert lowest_free_vlan(range(1, 4095)) is None
+
+
+async def test_retarget_gives_an_associated_branch_new_groups(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    # issue 12: a running pod's resolved groups changed; its branch gets them in place
+    async with trio.open_nursery() as n:
+        await n.start(env.mgr.run)
+        rec = await env.mgr.acquire("pod-a", groups=GROUPS)
+        commits = len(env.commits)
+        new = ("sg-0ffffffffffffffff", *GROUPS)
+        got = await env.mgr.retarget("pod-a", new)
+        assert got.groups == new and env.trunk.enis[rec.eni_id].groups == new
+        assert env.mgr.of_pod("pod-a").groups == new and len(env.commits) == commits + 1
+        (call,) = env.trunk.ops("set_groups")
+        assert call.args == (rec.eni_id, new)
+        # the same groups again: no EC2 call
+        await env.mgr.retarget("pod-a", new)
+        assert len(env.trunk.ops("set_groups")) == 1
+        # EC2 refuses (an unknown group): the record keeps what the branch has
+        with pytest.raises(NotFound):
+            await env.mgr.retarget("pod-a", ("bogus",))
+        assert env.mgr.of_pod("pod-a").groups == new
+        with pytest.raises(BranchError):
+            await env.mgr.retarget("pod-nope", GROUPS)
+        n.cancel_scope.cancel()

@@ -60,6 +60,12 @@ class FakeTrunkProvider:
     def trunk(self) -> Trunk | None:
         return self._trunk
 
+    async def find_trunk(self) -> Trunk | None:
+        return self._trunk  # EKS's controller attaching one later: ``attach`` below
+
+    def attach(self) -> None:
+        self._trunk = Trunk()
+
     async def create_trunk(self) -> Trunk:
         self.created += 1
         self._trunk = Trunk()

@@ -1,0 +1,138 @@
+"""Live changes of running pods' security groups (the plan, as rows), and what the cluster's
+view says at ADD when it cannot decide: the policies not listed, the API unreachable, an EKS
+pod waiting for the controller's annotation."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+import trio.testing
+
+from agent.kube.service import KubeService
+from agent.sg.annotations import POD_ENI, PodEni
+from agent.sg.kube import KubeGroups
+from agent.sg.live import RestartToApply, Retarget, Running, plan
+from agent.sg.policy import ORDINARY, Decision, Source
+from tests.unit.kube_fakes import FakeCollections, pod, policy
+
+EKS_A = PodEni(
+    eni_id="eni-0aaaaaaaaaaaaaaaa",
+    mac="02:00:00:00:00:01",
+    ip=IPv4Address("10.0.1.5"),
+    vlan=1,
+    subnet_cidr=IPv4Network("10.0.1.0/24"),
+)
+EKS_B = PodEni(
+    eni_id="eni-0bbbbbbbbbbbbbbbb",
+    mac="02:00:00:00:00:02",
+    ip=IPv4Address("10.0.1.6"),
+    vlan=2,
+    subnet_cidr=IPv4Network("10.0.1.0/24"),
+)
+
+
+def policy_d(*groups: str) -> Decision:
+    return Decision(source=Source.POLICY, groups=groups, policies=("p",))
+
+
+# running source, running groups, running branch | resolved | what to do
+ROWS = [
+    ("none", (), "", ORDINARY, None),
+    ("none", (), "", policy_d("sg-1"), "restart"),
+    ("policy", ("sg-1",), "eni-b", policy_d("sg-1"), None),
+    ("policy", ("sg-1",), "eni-b", policy_d("sg-2", "sg-1"), ("retarget", ("sg-2", "sg-1"))),
+    (
+        "annotation",
+        ("sg-1",),
+        "eni-b",
+        Decision(source=Source.ANNOTATION, groups=("sg-3",)),
+        ("retarget", ("sg-3",)),
+    ),
+    ("policy", ("sg-1",), "eni-b", ORDINARY, "restart"),
+    ("policy", ("sg-1",), "eni-b", Decision(source=Source.EKS, branch=EKS_A), "restart"),
+    ("eks", (), EKS_A.eni_id, Decision(source=Source.EKS, branch=EKS_A), None),
+    ("eks", (), EKS_A.eni_id, Decision(source=Source.EKS, branch=EKS_B), "restart"),
+    ("eks", (), EKS_A.eni_id, policy_d("sg-1"), "restart"),
+    ("policy", ("sg-1",), "eni-b", None, None),  # the cache cannot tell: never act
+]
+
+
+@pytest.mark.parametrize(("source", "groups", "branch", "resolved", "want"), ROWS)
+def test_plan_rows(source, groups, branch, resolved, want) -> None:  # type: ignore[no-untyped-def]
+    r = Running(key="k", pod="ns/p", source=source, groups=groups, branch=branch)
+    actions = plan([r], {"k": resolved})
+    if want is None:
+        assert actions == []
+    elif want == "restart":
+        (a,) = actions
+        assert isinstance(a, RestartToApply) and a.pod == "ns/p"
+    else:
+        (a,) = actions
+        assert isinstance(a, Retarget)
+        assert (a.branch, a.old, a.new) == ("eni-b", groups, want[1])
+
+
+@pytest.mark.trio
+async def test_facts_say_why_the_cluster_cannot_decide(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fc = FakeCollections()
+    fc.policies_api.down = True  # the policies cannot be listed yet
+    kube = KubeService(fc, "n1")
+    groups = KubeGroups(kube, pod_wait=5)
+    async with trio.open_nursery() as n:
+        await n.start(kube.run)
+        await trio.sleep(3)
+        facts = await groups.facts("free", "x", "")
+        assert "SecurityGroupPolicy objects not listed yet" in facts.pending
+        assert "connection refused" in facts.pending
+        fc.policies_api.down = False
+        fc.policies_api.put(policy("db", "shop", ("sg-db",), pod_selector={}))
+        await kube.policies.synced.wait()  # type: ignore[union-attr]
+        await kube.pods.synced.wait()
+        # the API unreachable: a pod a policy may select cannot be decided, and says why
+        fc.pods_api.down = True
+        fc.pods_api.cut()
+        await trio.testing.wait_all_tasks_blocked()
+        facts = await groups.facts("shop", "new", "")
+        assert "not in the agent's cache" in facts.pending
+        assert "the Kubernetes API cannot be reached" in facts.pending
+        # an ordinary pod (no policy in its namespace) is decided all the same
+        assert (await groups.facts("free", "x", "")).pending == ""
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_eks_pods_wait_for_the_controllers_annotation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fc = FakeCollections()
+    kube = KubeService(fc, "n1")
+    groups = KubeGroups(kube, pod_wait=5, eks=True)
+    annotation = '[{"eniId":"eni-0aaaaaaaaaaaaaaaa"}]'
+    async with trio.open_nursery() as n:
+        await n.start(kube.run)
+        await kube.pods.synced.wait()
+        fc.pods_api.put(pod("web", "shop", requests_pod_eni=True))
+
+        async def controller() -> None:
+            await trio.sleep(2)
+            fc.pods_api.put(
+                pod("web", "shop", requests_pod_eni=True, annotations={POD_ENI: annotation})
+            )
+
+        n.start_soon(controller)
+        t0 = trio.current_time()
+        facts = await groups.facts("shop", "web", "")
+        assert facts.pending == "" and facts.annotations[POD_ENI] == annotation
+        assert trio.current_time() - t0 == pytest.approx(2)
+        # never annotated: try again later, saying what it waits for
+        fc.pods_api.put(pod("late", "shop", requests_pod_eni=True))
+        facts = await groups.facts("shop", "late", "")
+        assert "waiting for EKS's resource controller" in facts.pending
+        # a pod that does not ask is not held up
+        fc.pods_api.put(pod("plain", "shop"))
+        assert (await groups.facts("shop", "plain", "")).pending == ""
+        n.cancel_scope.cancel()
