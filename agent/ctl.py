@@ -292,7 +292,10 @@ def show_kube(k: dict[str, Any]) -> str:
         )
         for w in k["watches"]
     ]
-    lines = [f"node: {k['node']}", ""]
+    lines = [f"node: {k['node']}"]
+    if "cninode" in k:  # EKS drop-in: branch ENIs asked for on the node's CNINode
+        lines.append(f"cninode: {k['cninode']['state']}")
+    lines.append("")
     lines.append(
         table(
             rows,

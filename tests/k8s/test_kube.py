@@ -148,6 +148,19 @@ def test_static_worker_takes_its_pod_cidr_from_its_node(cluster: Cluster, ns: Na
 def test_watches_survive_an_api_server_restart_and_410(
     cluster: Cluster, probe: Probe, ns: Namespace
 ) -> None:
+    # a policy in this namespace: its new pods need their labels from the API to be decided
+    ns.api.create(
+        f"/apis/vpcresources.k8s.aws/v1beta1/namespaces/{ns.name}/securitygrouppolicies",
+        {
+            "apiVersion": "vpcresources.k8s.aws/v1beta1",
+            "kind": "SecurityGroupPolicy",
+            "metadata": {"name": "web"},
+            "spec": {
+                "podSelector": {"matchLabels": {"role": "web"}},
+                "securityGroups": {"groupIds": ["sg-0123456789abcdef0"]},
+            },
+        },
+    )
     live = probe.pod(ns, "live", role="a")
     doomed = probe.pod(ns, "doomed")
     wait_for(
@@ -177,7 +190,10 @@ def test_watches_survive_an_api_server_restart_and_410(
         ns.api.patch(ns.path("pods", "live"), {"metadata": {"annotations": {"missed": "yes"}}})
         cluster.cp.compact_etcd()  # the history goes ...
         cluster.cp.stop_apiserver()  # ... and the API server's cache with it
-        cluster.cp.start_apiserver()
+        try:
+            adds_while_the_api_is_down(cluster, ns)
+        finally:
+            cluster.cp.start_apiserver()
     finally:
         probe.agent.proc.send_signal(signal.SIGCONT)
 
@@ -245,3 +261,30 @@ def test_pod_cidr_change_while_the_agent_runs(cluster: Cluster, probe: Probe) ->
     assert probe.agent.delete(first).code == 0
     assert probe.agent.call("agent.pool")["withdrawn_in_use"] == []
     assert probe.agent.delete(second).code == 0
+
+
+def adds_while_the_api_is_down(cluster: Cluster, ns: Namespace) -> None:
+    """The aws worker (security groups on) while the API server is down: a pod a
+    SecurityGroupPolicy may select cannot be decided (code 11, saying why); an ordinary pod
+    (no policy in its namespace) gets its address as always."""
+    agent = cluster.workers["aws"].agent
+    wait_for(
+        "the aws agent sees the API server gone",
+        lambda: (
+            not next(w for w in agent.call("agent.kube")["watches"] if w["name"] == "pods")[
+                "connected"
+            ]
+        ),
+        DEADLINE,
+    )
+    eligible = agent.new_pod("sgdown")
+    r = agent.add(eligible, args=f"K8S_POD_NAMESPACE={ns.name};K8S_POD_NAME=new-web")
+    assert r.code == 1 and r.doc["code"] == 11, r
+    assert "the Kubernetes API cannot be reached" in r.doc["details"], r.doc
+    ordinary = agent.new_pod("plaindown")
+    r = agent.add(ordinary, args="K8S_POD_NAMESPACE=no-policies-here;K8S_POD_NAME=plain")
+    assert r.code == 0, r
+    assert (
+        agent.delete(ordinary, args="K8S_POD_NAMESPACE=no-policies-here;K8S_POD_NAME=plain").code
+        == 0
+    )

@@ -80,3 +80,44 @@ def test_service_account() -> None:
         {"metadata": {"namespace": "a", "name": "b", "uid": "u", "labels": {"k": "v"}}}
     )
     assert sa.key == ("a", "b") and sa.labels == {"k": "v"}
+
+
+def test_agentctl_kube_view() -> None:
+    from agent.ctl import show_kube
+
+    assert show_kube({"enabled": False}).startswith("kubernetes: off")
+    watch = {
+        "name": "pods",
+        "synced": True,
+        "connected": False,
+        "disconnected_since": None,
+        "objects": 3,
+        "resource_version": "42",
+        "lists": 2,
+        "expired": 1,
+        "errors": 4,
+        "last_error": "list pods: ConnectError",
+    }
+    text = show_kube(
+        {
+            "enabled": True,
+            "node": "n1",
+            "watches": [watch],
+            "pods": [],
+            "cninode": {"name": "n1", "state": "SecurityGroupsForPods requested"},
+            "groups": {
+                "applied": 1,
+                "pods": [
+                    {
+                        "pod": "shop/plain",
+                        "running": [],
+                        "resolved": ["sg-1"],
+                        "state": "restart to apply: on the shared pool",
+                    }
+                ],
+            },
+        }
+    )
+    assert "cninode: SecurityGroupsForPods requested" in text
+    assert "pods" in text and "NO" in text and "ConnectError" in text
+    assert "shop/plain" in text and "restart to apply" in text
