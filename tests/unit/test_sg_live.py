@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
+from agent.checkpoint import Allocation
 from agent.kube.service import KubeService
 from agent.sg.annotations import POD_ENI, PodEni
 from agent.sg.kube import KubeGroups
-from agent.sg.live import RestartToApply, Retarget, Running, plan
-from agent.sg.policy import ORDINARY, Decision, Source
+from agent.sg.live import LiveGroups, RestartToApply, Retarget, Running, plan
+from agent.sg.policy import ORDINARY, Decision, PodIdentity, Source
+from agent.sg.records import SgAttachment
+from cloud.errors import CloudUnavailable
 from tests.unit.kube_fakes import FakeCollections, pod, policy
 
 EKS_A = PodEni(
@@ -135,4 +139,93 @@ async def test_eks_pods_wait_for_the_controllers_annotation(
         # a pod that does not ask is not held up
         fc.pods_api.put(pod("plain", "shop"))
         assert (await groups.facts("shop", "plain", "")).pending == ""
+        n.cancel_scope.cancel()
+
+
+def _alloc(name: str, sg: SgAttachment | None = None) -> Allocation:
+    return Allocation(
+        network="podwire",
+        container_id=f"c-{name}",
+        ifname="eth0",
+        ip=IPv4Address("10.0.1.9"),
+        netns="/x",
+        host_veth="v",
+        owner="o",
+        pod_namespace="shop",
+        pod_name=name,
+        sg=sg,
+    )
+
+
+@pytest.mark.trio
+async def test_live_groups_carries_out_the_plan(autojump_clock: trio.testing.MockClock) -> None:
+    branch = SgAttachment(
+        source="policy",
+        branch="eni-b",
+        vlan=1,
+        mac="02:00:00:00:00:09",
+        subnet_cidr=IPv4Network("10.0.1.0/24"),
+        groups=("sg-1",),
+    )
+    allocs = {"web": _alloc("web", branch), "plain": _alloc("plain")}
+    resolved = {"web": policy_d("sg-2"), "plain": policy_d("sg-2")}
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    announced: list[tuple[str, str]] = []
+    refuse = {"on": True}
+
+    async def retarget(key: str, groups: tuple[str, ...]) -> None:
+        calls.append((key, groups))
+        if refuse["on"]:
+            raise CloudUnavailable("ModifyNetworkInterfaceAttribute", "503")
+
+    async def update(key: str, action: Retarget) -> bool:
+        name = key.split("/")[1].removeprefix("c-")
+        a = allocs[name]
+        assert a.sg is not None
+        allocs[name] = attrs.evolve(a, sg=attrs.evolve(a.sg, groups=action.new))
+        return True
+
+    async def announce(pod: str, reason: str, message: str, type: str) -> None:
+        announced.append((pod, reason))
+
+    outcomes: list[str] = []
+    live = LiveGroups(
+        allocations=lambda: list(allocs.values()),
+        resolve=lambda identity: resolved[identity.name] if identity else None,
+        identity=lambda ns, name: PodIdentity(namespace=ns, name=name),
+        retarget=retarget,
+        update=update,
+        announce=announce,
+        on_outcome=outcomes.append,
+        retry=30.0,
+    )
+    async with trio.open_nursery() as n:
+        await n.start(live.run)
+        live.wake()
+        await trio.sleep(1)  # past the debounce
+        # EC2 refused: reported, the pod keeps what it has; the shared-pool pod: restart
+        assert [r["state"].split(":")[0] for r in live.status()["pods"]] == [
+            "restart to apply",
+            "failed",
+        ]
+        assert allocs["web"].sg.groups == ("sg-1",)  # type: ignore[union-attr]
+        assert sorted(outcomes) == ["failed", "restart_to_apply"]
+        # retried after `retry` seconds, without a change in the cluster
+        refuse["on"] = False
+        await trio.sleep(31)
+        await trio.testing.wait_all_tasks_blocked()
+        assert allocs["web"].sg.groups == ("sg-2",)  # type: ignore[union-attr]
+        assert live.applied == 1 and outcomes.count("applied") == 1
+        assert [r["pod"] for r in live.status()["pods"]] == ["shop/plain"]
+        # reported once per state, not on every pass
+        live.wake()
+        await trio.sleep(1)  # past the debounce
+        assert outcomes.count("restart_to_apply") == 1
+        assert announced.count(("shop/plain", "SecurityGroupsRestartToApply")) == 1
+        assert ("shop/web", "SecurityGroupsChanged") in announced
+        # the cluster back to what the pod runs with: no longer reported
+        resolved["plain"] = ORDINARY
+        live.wake()
+        await trio.sleep(1)  # past the debounce
+        assert live.status()["pods"] == []
         n.cancel_scope.cancel()
