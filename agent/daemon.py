@@ -354,6 +354,7 @@ async def run(
                 )
                 + tuple(snat_sources(cni.allocations.values())),
             )
+            cni.egress_ready = snat.covers
             if cni.sg is not None:
                 cast("SgService", cni.sg).on_change = snat.changed
 

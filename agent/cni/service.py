@@ -132,6 +132,9 @@ class CniService:
         checkpoint_writer: Callable[[Path, bytes], Awaitable[None]] | None = None,
     ) -> None:
         self.sg = sg
+        # Set by the daemon to the SNAT service's ``covers``: an ADD answers only once the
+        # kernel NATs its address (when the address needs it).
+        self.egress_ready: Callable[[IPv4Address], Awaitable[object]] | None = None
         self.pool = pool
         self.datapath = datapath
         self.provider = provider
@@ -292,6 +295,9 @@ class CniService:
                 with anyio.fail_after(self.wire_timeout):
                     wired = await self.datapath.wire(self.pod_net(alloc))
                 mark("wire")
+                if self.egress_ready is not None:
+                    await self.egress_ready(alloc.ip)
+                    mark("snat")
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_add(alloc, wired)

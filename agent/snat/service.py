@@ -24,7 +24,8 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from typing import Any
 
@@ -112,8 +113,13 @@ class SnatService:
         pod_cidrs: Callable[[], tuple[IPv4Network, ...]],
         metrics: Metrics | None = None,
         events: EventBus | None = None,
+        open_backend: Callable[[], SnatBackend] | None = None,
+        run_sync: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._open_backend = open_backend or partial(choose_backend, cfg.backend)
+        # Backends block: worker threads by default (tests on a virtual clock run them inline).
+        self._run_sync = run_sync or anyio.to_thread.run_sync
         self.external = cfg.external
         self._facts = facts
         self._pod_cidrs = pod_cidrs
@@ -126,6 +132,9 @@ class SnatService:
         self.last_error = ""
         self._wake = anyio.Event()
         self._verify_soon = True
+        self._serving = False
+        self._urgent = False
+        self._reconciled = anyio.Event()
 
     def __repr__(self) -> str:
         kind = self.backend.kind if self.backend else "-"
@@ -134,6 +143,32 @@ class SnatService:
     def changed(self) -> None:
         """Say the desired state may have changed (pool grew or shrank, a switch flipped)."""
         self._wake.set()
+
+    async def covers(self, ip: IPv4Address, timeout: float = 2.0) -> bool:
+        """Return once the kernel's SNAT state covers traffic from ``ip`` (an address the desired
+        state counts among the pod sources); True at once when there is nothing to wait for.
+
+        An ADD calls this before it answers: a pod's address can join the sources after the
+        pool's ranges were applied (a security-groups pod's branch address, an ENI's new IPs),
+        and the pod's first connection must not leave un-NATed. Returns False (and logs) when
+        the state still does not cover ``ip`` after ``timeout`` (a failing backend): the ADD
+        goes on rather than failing on SNAT.
+        """
+        def applied() -> bool:
+            return self.applied is not None and any(ip in n for n in self.applied.pod_cidrs)
+
+        if not self._serving or applied() or not any(ip in n for n in self._pod_cidrs()):
+            return True
+        with anyio.move_on_after(timeout):
+            self._urgent = True
+            while True:
+                self.changed()
+                await self._reconciled.wait()
+                if applied():
+                    return True
+                await anyio.sleep(0.1)  # that round failed: retry, but never in a tight loop
+        log.warning("SNAT state not updated for a new pod", extra={"ip": str(ip)})
+        return False
 
     def set_external(self, external: bool) -> None:
         self.external = external
@@ -153,7 +188,7 @@ class SnatService:
         }
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await self._run_sync(fn, *args)
 
     async def _reconcile(self, *, verify: bool) -> None:
         assert self.backend is not None
@@ -181,6 +216,8 @@ class SnatService:
             log.error("SNAT reconcile failed", extra={"error": self.last_error})
         self.reconciles += 1
         self.metrics.snat_reconciled(self.backend.kind, result, time.perf_counter() - started)
+        done, self._reconciled = self._reconciled, anyio.Event()
+        done.set()
 
     async def _watch_nftables(self) -> None:
         """Wake a verification on every nftables change in this namespace."""
@@ -209,20 +246,26 @@ class SnatService:
         self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Apply the desired state, then keep it true until cancelled. Reports the backend."""
-        self.backend = await self._run(choose_backend, self.cfg.backend)
+        self.backend = await self._run(self._open_backend)
         await self._reconcile(verify=True)
         log.info("SNAT applied", extra={"backend": self.backend.kind, "spec": repr(self.applied)})
         task_status.started(self.backend.kind)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_nftables)
-            while True:
-                with anyio.move_on_after(self.cfg.verify_interval) as timer:
-                    await self._wake.wait()
-                self._wake = anyio.Event()
-                await anyio.sleep(0.05)  # let a burst of changes settle into one reconcile
-                verify = self._verify_soon or timer.cancelled_caught
-                self._verify_soon = False
-                await self._reconcile(verify=verify)
+        self._serving = True
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_nftables)
+                while True:
+                    with anyio.move_on_after(self.cfg.verify_interval) as timer:
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    if not self._urgent:  # an ADD waiting for its address: no settling
+                        await anyio.sleep(0.05)  # let a burst of changes settle into one reconcile
+                    self._urgent = False
+                    verify = self._verify_soon or timer.cancelled_caught
+                    self._verify_soon = False
+                    await self._reconcile(verify=verify)
+        finally:
+            self._serving = False
 
 
 def remove_all() -> list[str]:
