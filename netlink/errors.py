@@ -66,3 +66,15 @@ class WireFailed(NetlinkError):
         super().__init__(f"wiring failed at {step}: {cause}")
         self.step = step
         self.cause = cause
+
+
+class ProgramRefused(NetlinkError):
+    """The kernel would not load an eBPF program (``netlink.dot1q``): the errno, and the
+    verifier's log when it said why."""
+
+    def __init__(self, name: str, errno: int, log: str = "") -> None:
+        reason = os.strerror(errno) + (f": {log.strip()}" if log.strip() else "")
+        super().__init__(f"load eBPF program {name}: {reason}")
+        self.name = name
+        self.errno = errno
+        self.log = log

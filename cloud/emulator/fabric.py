@@ -13,9 +13,9 @@ A trunk's cable also carries its branches, 802.1Q-tagged. Each associated branch
 its own in the router (``<cable>.<vlan id>``, a veth end) with its own next hop pointing at the
 branch's MAC; an eBPF program on the cable's ingress pops the tag of a frame with a branch's VLAN
 id and source MAC and delivers it on that link, and one on the link's egress pushes the tag and
-sends the frame out of the cable (``dot1q``: this kernel has no VLAN devices). Untagged frames
-stay the trunk's own. The router's forwarding and security groups then see a branch as an ENI
-like any other, at its own link.
+sends the frame out of the cable (``netlink.dot1q``: this kernel has no VLAN devices). Untagged
+frames stay the trunk's own. The router's forwarding and security groups then see a branch as an
+ENI like any other, at its own link.
 ``apply`` diffs the wanted ``Wiring`` against what it built before and issues one ``ip -batch``
 per namespace touched. Nothing here runs outside namespaces the emulator made.
 """
@@ -30,9 +30,12 @@ from typing import Literal
 import attrs
 import orjson
 
-from cloud.emulator import dot1q
+from cloud.emulator.errors import VlanError
 from cloud.emulator.netns import Namespace
 from cloud.emulator.wiring import Branch, Cable, Wiring
+from netlink.dot1q import kernel, programs
+from netlink.errors import NetlinkError
+from netlink.rtnl import Rtnl, opened_in
 
 METADATA_IP = IPv4Address("169.254.169.254")
 INTERNET_NET = IPv4Network("203.0.113.0/24")
@@ -210,17 +213,25 @@ class Fabric:
             self._set_vlans(retag, tag)
 
     def _set_vlans(self, trunks: set[str], branches: list[str]) -> None:
+        try:
+            with opened_in(self.router.path) as rtnl:
+                self._attach_programs(rtnl, trunks, branches)
+        except NetlinkError as e:
+            raise VlanError("802.1Q programs", getattr(e, "errno", 0), str(e)) from e
+
+    def _attach_programs(self, rtnl: Rtnl, trunks: set[str], branches: list[str]) -> None:
         index = self._ifindexes()
         tagged = self.branch_frames == "802.1q"
         for eni_id in branches:
             pb = self._branches[eni_id]
             cable = self._plugged[pb.branch.trunk_eni_id]
-            dot1q.attach(
-                self.router.path,
+            kernel.attach(
+                rtnl,
                 index[pb.router_if],
                 "egress",
-                dot1q.tagger(pb.branch.vlan_id if tagged else None, index[cable.router_if]),
-                "pw_vlan_tag",
+                programs.tagger(pb.branch.vlan_id if tagged else None, index[cable.router_if]),
+                "pw_dot1q_tag",
+                f"vpc tagger of {eni_id}",
             )
         for trunk_id in sorted(trunks):
             trunk = self._plugged.get(trunk_id)
@@ -231,11 +242,11 @@ class Fabric:
                 key=lambda b: b.vlan_id,
             )
             if not on_trunk:
-                dot1q.detach(self.router.path, index[trunk.router_if])
+                kernel.detach(rtnl, index[trunk.router_if])
                 continue
-            program = dot1q.demux(
+            program = programs.demux(
                 [
-                    dot1q.Branch(
+                    programs.Branch(
                         vlan_id=b.vlan_id if tagged else None,
                         ifindex=index[self._branches[b.eni_id].router_if],
                         mac=b.mac,
@@ -243,8 +254,13 @@ class Fabric:
                     for b in on_trunk
                 ]
             )
-            dot1q.attach(
-                self.router.path, index[trunk.router_if], "ingress", program, "pw_vlan_demux"
+            kernel.attach(
+                rtnl,
+                index[trunk.router_if],
+                "ingress",
+                program,
+                "pw_dot1q_demux",
+                f"vpc demultiplexer of {trunk_id}",
             )
 
     def _ifindexes(self) -> dict[str, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ import pytest
 from cloud.emulator import Node, Vpc
 from cloud.emulator.dot1q.links import VlanLinks
 from tests.e2e.conftest import ec2_client
+from tests.frames import udp_probe, vlan_of_next_frame
 
 pytestmark = [pytest.mark.root, pytest.mark.anyio]
 
@@ -242,44 +242,14 @@ async def test_disassociated_branch_and_detached_trunk_leave_the_wire(bed: Bed) 
     assert bed.branches[11].id not in vpc.all_drops()
 
 
-SOL_PACKET = 263
-PACKET_AUXDATA = 8
-TP_STATUS_VLAN_VALID = 0x10
-_AUX = struct.Struct("IIIHHHH")  # tp_status, len, snaplen, mac, net, vlan_tci, vlan_tpid
-
-
-def vlan_of_next_frame(ifname: str, send: Any) -> int | None:
-    """The 802.1Q VLAN id of the first IPv4 frame ``send()`` puts on ``ifname``, as a packet
-    capture sees it (None when it leaves untagged)."""
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)) as cap:
-        cap.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        cap.bind((ifname, 0))
-        cap.settimeout(ALLOWED_DEADLINE)
-        send()
-        while True:
-            _, ancillary, _, _ = cap.recvmsg(65535, socket.CMSG_SPACE(_AUX.size))
-            for level, kind, data in ancillary:
-                if level == SOL_PACKET and kind == PACKET_AUXDATA:
-                    status, *_, tci, tpid = _AUX.unpack(data[: _AUX.size])
-                    if tpid in (0, 0x8100) and status & TP_STATUS_VLAN_VALID:
-                        return tci & 0x0FFF
-                    return None
-
-
 async def test_frames_on_the_trunk_cable_are_802_1q_tagged(bed: Bed) -> None:
     a = bed.branches[10]
     db = bed.vpc.add_instance(bed.node.subnet)
-
-    def probe(source: str) -> Any:
-        def send() -> None:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((source, 0))
-                s.sendto(b"x", (db.primary_ip, 9))
-
-        return send
-
-    assert bed.node.call(lambda: vlan_of_next_frame("eth1", probe(a.ip))) == 10
-    assert bed.node.call(lambda: vlan_of_next_frame("eth1", probe(bed.trunk.ip))) is None
+    assert bed.node.call(lambda: vlan_of_next_frame("eth1", udp_probe(a.ip, db.primary_ip))) == 10
+    assert (
+        bed.node.call(lambda: vlan_of_next_frame("eth1", udp_probe(bed.trunk.ip, db.primary_ip)))
+        is None
+    )
 
 
 def test_nothing_of_the_fabric_in_the_machines_namespace(vpc: Vpc) -> None:
@@ -331,15 +301,4 @@ async def test_untagged_branches_by_mac_for_nodes_that_cannot_tag() -> None:
         before = vpc.drops(db.eni_id).inbound
         assert node.call(lambda: connects(db.primary_ip, 5432, trunk.ip, DENIED_WAIT)) is None
         assert vpc.drops(db.eni_id).inbound > before
-        assert (
-            node.call(lambda: vlan_of_next_frame("eth1", _udp_probe(a.ip, db.primary_ip))) is None
-        )
-
-
-def _udp_probe(source: str, to: str) -> Any:
-    def send() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((source, 0))
-            s.sendto(b"x", (to, 9))
-
-    return send
+        assert node.call(lambda: vlan_of_next_frame("eth1", udp_probe(a.ip, db.primary_ip))) is None

@@ -1,37 +1,32 @@
-"""VLAN links on the node side, as the agent makes them for branch ENIs: ``vlan.eth.<vid>``,
-parent the trunk ENI's link, MAC the branch's.
-
-Where the kernel has 802.1Q devices that is exactly what is made (``type vlan``). This kernel
-has none (CONFIG_VLAN_8021Q is not set), so there the link is a veth end of that name and MAC
-(its peer idles) whose egress program tags each frame and sends it out of the parent, while the
-parent's ingress program untags frames of the link's VLAN id and delivers them on the link
-(``programs``): the same frames on the cable, the same link to route through.
+"""VLAN links on the node side of emulator tests, made as the agent makes them for branch
+ENIs (``vlan.eth.<vid>``, parent the trunk ENI's link, MAC the branch's): a real ``type vlan``
+device where the kernel has one, else ``netlink.dot1q``'s veth tagged by eBPF -- the same
+frames on the cable, the same link to route through.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 
-import orjson
-
-from cloud.emulator.dot1q import kernel
-from cloud.emulator.dot1q.programs import Branch, demux, tagger
-from cloud.emulator.errors import FabricError
+from cloud.emulator.errors import VlanError
 from cloud.emulator.netns import Namespace
+from netlink.dot1q import links
+from netlink.errors import NetlinkError
+from netlink.requests import getlink, only_link
+from netlink.rtnl import opened_in
 
 
 @functools.cache
 def kernel_has_vlan_devices() -> bool:
-    """Whether ``ip link add ... type vlan`` works on this kernel (probed once, in a namespace
-    made for it)."""
+    """Whether ``type vlan`` links can be made here (probed once, in a namespace made for
+    it; nothing is created)."""
     probe = Namespace.create("vlanprobe")
     try:
-        probe.ip_batch(["link add link lo name pwprobe type vlan id 1"])
-    except FabricError:
-        return False
+        with opened_in(probe.path) as rtnl:
+            return links.support(rtnl).vlan_devices
     finally:
         probe.delete()
-    return True
 
 
 class VlanLinks:
@@ -41,7 +36,7 @@ class VlanLinks:
         self.netns = netns
         self.parent = parent
         self.native = kernel_has_vlan_devices() if native is None else native
-        self.links: dict[int, str] = {}
+        self.links: dict[int, links.Dot1qLink | str] = {}
 
     def add(self, vlan_id: int, mac: str, name: str | None = None) -> str:
         """Make the link for ``vlan_id`` with ``mac`` (up, no address) and return its name
@@ -54,48 +49,31 @@ class VlanLinks:
                     f"link set {name} up",
                 ]
             )
-        else:
-            peer = f"{name[:14]}p"
-            self.netns.ip_batch(
-                [
-                    f"link add {name} address {mac} type veth peer name {peer}",
-                    f"link set {peer} up",
-                    f"link set {name} up",
-                ]
-            )
-            index = self._ifindexes()
-            kernel.attach(
-                self.netns.path,
-                index[name],
-                "egress",
-                tagger(vlan_id, index[self.parent]),
-                "pw_vlan_tag",
-            )
-        self.links[vlan_id] = name
-        if not self.native:
-            self._set_demux()
+            self.links[vlan_id] = name
+            return name
+        try:
+            with opened_in(self.netns.path) as rtnl:
+                parent = only_link(rtnl.one(getlink(f"link {self.parent}", self.parent)))
+                if parent is None:
+                    raise VlanError(f"link {self.parent}", errno.ENODEV, "no such link")
+                link = links.Dot1qLink(name=name, vlan_id=vlan_id, mac=mac, parent=parent.index)
+                links.create(rtnl, link)
+        except NetlinkError as e:
+            raise VlanError(f"create {name}", getattr(e, "errno", 0), str(e)) from e
+        self.links[vlan_id] = link
         return name
 
     def remove(self, vlan_id: int) -> None:
         """Delete the link of ``vlan_id``."""
-        name = self.links.pop(vlan_id)
-        self.netns.ip_batch([f"link del {name}"])
-        if not self.native:
-            self._set_demux()
-
-    def _set_demux(self) -> None:
-        index = self._ifindexes()
-        if not self.links:
-            kernel.detach(self.netns.path, index[self.parent])
+        link = self.links.pop(vlan_id)
+        if isinstance(link, str):
+            self.netns.ip_batch([f"link del {link}"])
             return
-        branches = [Branch(vlan_id=v, ifindex=index[n]) for v, n in sorted(self.links.items())]
-        kernel.attach(
-            self.netns.path, index[self.parent], "ingress", demux(branches), "pw_vlan_demux"
-        )
-
-    def _ifindexes(self) -> dict[str, int]:
-        links = orjson.loads(self.netns.ip_text("-j", "link", "show"))
-        return {link["ifname"]: int(link["ifindex"]) for link in links}
+        try:
+            with opened_in(self.netns.path) as rtnl:
+                links.delete(rtnl, link)
+        except NetlinkError as e:
+            raise VlanError(f"delete {link.name}", getattr(e, "errno", 0), str(e)) from e
 
     def __repr__(self) -> str:
         kind = "vlan" if self.native else "veth+ebpf"

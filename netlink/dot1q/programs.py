@@ -1,21 +1,25 @@
 """802.1Q tagging and demultiplexing as eBPF programs for tc: pure bytecode builders.
 
-This kernel has no VLAN devices (CONFIG_VLAN_8021Q is not set, and with it the bridge's VLAN
-filtering and tc's vlan action are gone too), but it runs eBPF classifiers. So a VLAN "link" is
-a veth end whose egress program pushes the tag and redirects the frame out of the parent
+Some kernels have no VLAN devices (CONFIG_VLAN_8021Q unset, and with it the bridge's VLAN
+filtering and tc's vlan action are gone too) but run eBPF classifiers. There a VLAN "link" is a
+veth end whose egress program pushes the tag and redirects the frame out of the parent
 (``tagger``), and the parent's ingress program pops the tag of a frame with a known VLAN id and
 redirects it into that link as if it had arrived there (``demux``). On the wire the frames are
-real 802.1Q frames: veth carries the tag in the skb's VLAN metadata, as hardware offload does,
-and ``tcpdump``/AF_PACKET see ``vlan <id>``.
+real 802.1Q frames: the tag travels in the skb's VLAN metadata, as with hardware offload, and
+``tcpdump``/AF_PACKET see ``vlan <id>``.
 
 The programs are straight-line code generated per configuration (one compare per VLAN id, no
-maps): a few instructions per branch, replaced whole when a trunk's associations change. A
-branch may also be untagged (``vlan_id`` None), told apart by its source MAC alone: for node
+maps): a few instructions per branch, replaced whole when the set changes. Being a pure
+function of the configuration, a program attached in the kernel is recognised by its tag
+(``tags``): the kernel's hash of the instructions, reported by tc.
+
+A branch may also be untagged (``vlan_id`` None), told apart by its source MAC alone: for node
 sides that cannot tag (the emulator's ``branch_frames="mac"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 from collections.abc import Sequence
@@ -178,3 +182,11 @@ def demux(branches: Sequence[Branch]) -> bytes:
     asm.op(_MOV64_K, _R0, imm=TC_ACT_OK)
     asm.op(_EXIT)
     return asm.assemble()
+
+
+def tags(program: bytes) -> frozenset[str]:
+    """The tags the kernel may give ``program`` (``tc filter show``'s ``tag``, TCA_BPF_TAG, in
+    hex): the first 8 bytes of its SHA-256 (recent kernels: 6.18 has it) or SHA-1 (older) over the
+    instructions as loaded (these programs hold no map references, which the kernel would
+    blank out first)."""
+    return frozenset(hashlib.new(h, program).hexdigest()[:16] for h in ("sha256", "sha1"))

@@ -1,6 +1,7 @@
-"""The emulator's 802.1Q eBPF programs (cloud/emulator/dot1q/programs.py), run on a tiny
+"""The 802.1Q eBPF programs (netlink/dot1q/programs.py), run on a tiny
 interpreter of the instructions they use: pure, no kernel. That the kernel's verifier takes them
-and frames really travel tagged is in tests/e2e/test_emulator_vlans.py."""
+and frames really travel tagged is in tests/integration/test_dot1q.py and
+tests/e2e/test_emulator_vlans.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud.emulator.dot1q.programs import BPF_F_INGRESS, TC_ACT_OK, Branch, demux, tagger
+from netlink.dot1q.programs import BPF_F_INGRESS, TC_ACT_OK, Branch, demux, tagger, tags
 
 TC_ACT_REDIRECT = 7
 
@@ -161,3 +162,12 @@ def test_demux_finds_exactly_the_branch_of_its_vlan_and_mac(
         (b.ifindex for b in branches if b.vlan_id == vlan and (vlan % 2 or mac == MAC_A)), None
     )
     assert redirected_to(frame) == expected
+
+
+def test_tags_are_the_kernels_hashes_of_the_instructions() -> None:
+    trivial = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    # what Linux 6.18 reported for this program (tc filter show ... tag), and its SHA-1 tag
+    assert "59f4a931744dcdc6" in tags(trivial)
+    assert len(tags(trivial)) == 2
+    assert tags(demux(BRANCHES)) != tags(demux(BRANCHES[:1]))
+    assert tags(tagger(5, 3)) == tags(tagger(5, 3)) != tags(tagger(5, 4))
