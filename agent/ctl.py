@@ -71,11 +71,21 @@ def show_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_LINK_WORDS = {
+    "vlan": "802.1Q VLAN links",
+    "ebpf": "802.1Q links by eBPF",
+    "macvlan": "untagged macvlan links",
+}
+
+
 def show_sg_line(sg: dict[str, Any]) -> str:
     """One line on security groups for pods: mode, trunk, branches, or why unavailable."""
     if not sg.get("enabled"):
         return "off"
     head = f"{sg['mode']} mode, branches by {sg['branches']}"
+    link = _LINK_WORDS.get(sg.get("link", ""))
+    if link and sg["state"] != "unsupported":
+        head += f", {link}"
     if sg["state"] != "ready":
         return f"{head}; {sg['state'].upper()}: {sg['reason']}"
     t, c = sg["trunk"], sg.get("counts") or {}

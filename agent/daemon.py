@@ -348,11 +348,13 @@ async def run(
                 facts=snat_facts,
                 metrics=metrics,
                 events=events,
-                pod_cidrs=lambda: pool_cidrs(
-                    cni.pool,
-                    provider.facts().pod_cidrs if provider.name in ("static", "gce") else (),
-                )
-                + tuple(snat_sources(cni.allocations.values())),
+                pod_cidrs=lambda: (
+                    pool_cidrs(
+                        cni.pool,
+                        provider.facts().pod_cidrs if provider.name in ("static", "gce") else (),
+                    )
+                    + tuple(snat_sources(cni.allocations.values()))
+                ),
             )
             cni.egress_ready = snat.covers
             if cni.sg is not None:
@@ -401,6 +403,7 @@ async def run(
                         cni.deleter.delete,
                         grace=g.missing_grace,
                         clock=cni.clock,
+                        trunks=cast("SgService", cni.sg).trunk_indexes,
                     )
                     if cni.sg is not None
                     else None

@@ -30,7 +30,7 @@ from netlink.names import HOST_VETH_PREFIXES
 from netlink.requests import RT_TABLE_MAIN
 from netlink.veth import RULE_FROM_PRIORITY, RULE_TO_PRIORITY
 from netlink.vlan import IIF_RULE_PRIORITY, VLAN_LINK_PREFIX, link_name, table_of
-from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent
+from netlink.watcher import Batch, Item, LinkEvent, RouteEvent, RuleEvent, TcEvent
 
 log = logging.getLogger("podwire.repair")
 
@@ -77,9 +77,7 @@ class _ByIp(Mapping[IPv4Address, PodKey]):
 
     def _branch_pods(self) -> dict[IPv4Address, PodKey]:
         if self._branches is None:
-            self._branches = {
-                a.ip: k for k, a in self._cni.allocations.items() if a.sg is not None
-            }
+            self._branches = {a.ip: k for k, a in self._cni.allocations.items() if a.sg is not None}
         return self._branches
 
     def __iter__(self) -> Iterator[IPv4Address]:
@@ -104,7 +102,8 @@ def suspects(
     moment, and that is not damage). Branch pods (security groups) also own a route table
     (``by_table``: 100 + vid) and the names their priority-10 rules match (``by_link``: the VLAN
     link and, in strict mode, the host veth): a route deleted from that table, a rule at 10 on
-    one of those names deleted, their VLAN link deleted or set down mark them too.
+    one of those names deleted, their VLAN link deleted or set down mark them too, and so
+    does any tc program someone removes (a branch link's 802.1Q programs live under tc).
     """
     seen_up = set() if seen_up is None else seen_up
     by_table = by_table or {}
@@ -130,6 +129,10 @@ def suspects(
                 found[by_ip[ip]] = "rule"
             elif e.kind == "del" and e.priority == IIF_RULE_PRIORITY and e.iifname in by_link:
                 found[by_link[e.iifname]] = "rule"
+        elif isinstance(e, TcEvent):
+            # a tc program removed by someone: a branch link's 802.1Q tagger or the trunk's
+            # demultiplexer (netlink.dot1q) may be gone; which pod's, the check tells
+            found.update({key: "802.1Q program" for key in by_link.values()})
         elif isinstance(e, LinkEvent) and e.name.startswith(VLAN_LINK_PREFIX):
             if (e.kind == "del" or not e.up) and e.name in by_link:
                 found[by_link[e.name]] = "branch link"

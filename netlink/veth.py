@@ -58,6 +58,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
 from netlink import vlan
+from netlink.dot1q import links as dot1q_links
 from netlink.errors import (
     DatapathClosed,
     HostVethExists,
@@ -65,6 +66,7 @@ from netlink.errors import (
     NetlinkError,
     NetnsNotFound,
     NotANetns,
+    ProgramRefused,
     RequestFailed,
     WireFailed,
 )
@@ -466,12 +468,20 @@ class Datapath:
             added.append(dellink(f"delete {b.name}", b.name))
         with contextlib.suppress(NetlinkError):
             hrtnl.transact(added)
+            if b is not None and b.kind == "ebpf":
+                dot1q_links.sync(hrtnl, b.trunk_index)
         raise failed
 
     @staticmethod
     def _make_branch_link(hrtnl: Rtnl, b: BranchLink) -> int:
         """Create ``vlan.eth.<vid>`` afresh (a link left with that name is deleted first, as
-        VPC CNI does) and return its ifindex. Raises RequestFailed."""
+        VPC CNI does) and return its ifindex. Raises RequestFailed, WireFailed (an ebpf link's
+        program refused)."""
+        if b.kind == "ebpf":
+            try:
+                return dot1q_links.create(hrtnl, vlan.dot1q_link(b))
+            except ProgramRefused as e:
+                raise WireFailed(f"802.1Q programs of {b.name}", e) from e
         gone, made, read = hrtnl.transact(
             [
                 dellink(f"delete stale {b.name}", b.name),
@@ -524,8 +534,12 @@ class Datapath:
                         raise read.failure(f"link {b.name}")
                     index = found.index
                 requests += vlan.table_routes(b, index, RTM_NEWROUTE, REPLACE)
+                if not link_broken and any(m.startswith("802.1Q ") for m in missing):
+                    dot1q_links.repair(hrtnl, vlan.dot1q_link(b), index)
         except RequestFailed as e:
             raise WireFailed(e.op, e) from e
+        except ProgramRefused as e:
+            raise WireFailed(f"802.1Q programs of {b.name if b else pod.host_veth}", e) from e
         for req, r in zip(requests, hrtnl.transact(requests), strict=True):
             if r.error and not (req.type == RTM_NEWRULE and r.error == errno.EEXIST):
                 raise WireFailed(req.op, r.failure(req.op))
@@ -590,6 +604,8 @@ class Datapath:
                 if reply.error and reply.error not in gone:
                     raise reply.failure(req.op)
         if b is not None:
+            if b.kind == "ebpf":  # the link is down: out of the trunk's demultiplexer now
+                dot1q_links.sync(hrtnl, b.trunk_index)
             self._nft_run(vlan.render_local_fwd_removal([pod.host_veth]))
 
     def delete_link(self, host_veth: str) -> None:
@@ -746,6 +762,8 @@ class Datapath:
             raise reply.failure(f"link {b.name}")
         link = only_link(reply)
         problems += vlan.link_problems(b, link)
+        if link is not None and b.kind == "ebpf":
+            problems += dot1q_links.problems(hrtnl, vlan.dot1q_link(b), link.index)
         if link is not None:
             routes = hrtnl.dump(route_dump(link.index, table=b.table))
             problems += vlan.table_problems(b, link.index, routes)
@@ -877,6 +895,19 @@ class Datapath:
             if vlan.vlan_of_link(link.name) is not None:
                 out[link.name] = link
         return out
+
+    def vlan_support(self) -> dot1q_links.Support:
+        """What the host namespace's kernel offers for branch links (creates nothing)."""
+        return dot1q_links.support(self._host())
+
+    def sync_dot1q(self, parents: Sequence[int], *, dry_run: bool = False) -> list[str]:
+        """Make every trunk's 802.1Q demultiplexer exactly the one of its live ebpf links
+        (``parents``: trunks whose last link may be gone); return what was (or, with
+        ``dry_run``, would be) changed. Raises RequestFailed, ProgramRefused."""
+        hrtnl = self._host()
+        if dry_run:
+            return [s.describe() for s in dot1q_links.stale(hrtnl, parents)]
+        return [s.describe() for s in dot1q_links.sync_all(hrtnl, parents)]
 
     def iif_rules(self) -> list[vlan.IifRule]:
         """The ``iif X lookup T`` rules at priority 10 of the host namespace."""

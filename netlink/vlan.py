@@ -4,10 +4,12 @@ on the node's trunk, as Amazon VPC CNI builds it.
 Theory of operation. The pod side is the ordinary routed veth (``netlink.veth``). On the node:
 
 * ``vlan.eth.<vid>``: a link on the trunk ENI's link carrying the branch ENI's MAC, up, no
-  address. Its kind is 802.1Q ``vlan`` (what EC2 needs: the branch's frames cross the trunk
-  tagged with the VLAN id) or ``macvlan`` (for kernels built without 802.1Q: frames leave
-  untagged with the branch's MAC as source and arrive by destination MAC, which a VPC that tells
-  branches apart by MAC -- the emulator on such kernels -- understands).
+  address, whose frames cross the trunk tagged with the VLAN id (what EC2 needs). Its kind is
+  ``vlan``, an 802.1Q device, where the kernel has them, else ``ebpf``: a veth end of the same
+  name, MAC and MTU whose frames eBPF programs under tc tag and untag (``netlink.dot1q``: the
+  link's egress tags and sends out of the trunk, the trunk's ingress demultiplexes), the same
+  frames on the wire. (``macvlan``: untagged frames told apart by MAC, for a VPC that does
+  that -- the emulator's ``branch_frames="mac"``.)
 * route table ``100 + vid``: ``<gw>/32 dev vlan.eth.<vid> scope link`` and ``default via <gw>``
   (gw: the branch subnet's base + 1).
 * strict mode: the pod's ``ip/32 dev <host veth> scope link`` goes in table 100 + vid (not in
@@ -48,6 +50,7 @@ import attrs
 from pyroute2.netlink.rtnl import RTM_NEWLINK, RTM_NEWROUTE
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 
+from netlink.dot1q.links import Dot1qLink
 from netlink.requests import (
     FR_ACT_TO_TBL,
     RT_SCOPE_LINK,
@@ -61,8 +64,10 @@ from netlink.requests import (
 )
 from netlink.rtnl import CREATE, Message, Request
 
-LinkKind = Literal["vlan", "macvlan"]
-LINK_KINDS: Final[tuple[LinkKind, ...]] = ("vlan", "macvlan")
+LinkKind = Literal["vlan", "ebpf", "macvlan"]
+LINK_KINDS: Final[tuple[LinkKind, ...]] = ("vlan", "ebpf", "macvlan")
+# What each kind is, as the kernel names it (IFLA_INFO_KIND).
+_KERNEL_KINDS: Final[dict[LinkKind, str]] = {"vlan": "vlan", "ebpf": "veth", "macvlan": "macvlan"}
 
 VLAN_LINK_PREFIX: Final = "vlan.eth."
 TABLE_BASE: Final = 100
@@ -124,11 +129,17 @@ class BranchLink:
         return "strict" if self.strict else "standard"
 
 
+def dot1q_link(b: BranchLink) -> Dot1qLink:
+    """The eBPF-backed link of an ``ebpf`` branch (``netlink.dot1q.links``)."""
+    return Dot1qLink(name=b.name, vlan_id=b.vlan, mac=b.mac, parent=b.trunk_index)
+
+
 # --- requests -------------------------------------------------------------------------------
 
 
 def new_link(b: BranchLink) -> Request:
-    """Create ``vlan.eth.<vid>`` on the trunk with the branch's MAC, up. No MTU: it inherits
+    """Create ``vlan.eth.<vid>`` on the trunk with the branch's MAC, up (kinds ``vlan`` and
+    ``macvlan``; ``ebpf`` links are ``netlink.dot1q.links.create``'s). No MTU: it inherits
     the trunk's."""
     if b.kind == "vlan":
         info = {
@@ -264,9 +275,11 @@ def link_problems(b: BranchLink, link: Link | None) -> list[str]:
     if link is None:
         return [f"link {b.name}"]
     problems = []
-    if link.kind and link.kind != b.kind:
-        problems.append(f"link {b.name} is {link.kind}, not {b.kind}")
-    if link.peer_index != b.trunk_index:
+    want = _KERNEL_KINDS[b.kind]
+    if link.kind and link.kind != want:
+        problems.append(f"link {b.name} is {link.kind}, not {want}")
+    # An ebpf link's peer is its idle veth end; its tagger names the trunk (netlink.dot1q).
+    if b.kind != "ebpf" and link.peer_index != b.trunk_index:
         problems.append(f"link {b.name} not on the trunk (ifindex {b.trunk_index})")
     if link.mac.lower() != b.mac.lower():
         problems.append(f"link {b.name} MAC {link.mac}, not {b.mac}")

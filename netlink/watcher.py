@@ -1,11 +1,13 @@
-"""Netlink event watcher: links, IPv4 addresses, routes and rules of one namespace, in batches.
+"""Netlink event watcher: links, IPv4 addresses, routes and rules of one namespace (and tc
+removals), in batches.
 
 Theory of operation.
 
-- One NETLINK_ROUTE socket, non-blocking, subscribed to RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR,
-  RTNLGRP_IPV4_ROUTE and RTNLGRP_IPV4_RULE in the namespace it was created in (a socket stays
-  in its namespace; for another namespace it is created by a worker thread that enters it). It
-  is read on the event loop with ``anyio.wait_readable``: no reader thread, no polling.
+- One NETLINK_ROUTE socket, non-blocking, subscribed to RTNLGRP_LINK, RTNLGRP_TC,
+  RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE and RTNLGRP_IPV4_RULE in the namespace it was created
+  in (a socket stays in its namespace; for another namespace it is created by a worker thread
+  that enters it). It is read on the event loop with ``anyio.wait_readable``: no reader thread,
+  no polling. Of tc's notifications only removals of a qdisc or filter become events.
 - Coalescing: the first event after a quiet spell opens a window (``window``, 30 ms by
   default); everything read until it closes, or until ``max_batch`` events, is delivered as one
   ``Batch``. 300 veths deleted at once are a few batches, not 300 wake-ups of each consumer.
@@ -50,9 +52,9 @@ from netlink.ns import entered_path
 
 log = logging.getLogger("podwire.watcher")
 
-# <linux/rtnetlink.h>: RTNLGRP_LINK 1, RTNLGRP_IPV4_IFADDR 5, RTNLGRP_IPV4_ROUTE 7,
-# RTNLGRP_IPV4_RULE 8; the bind() group mask has bit (group - 1).
-GROUPS = (1 << 0) | (1 << 4) | (1 << 6) | (1 << 7)
+# <linux/rtnetlink.h>: RTNLGRP_LINK 1, RTNLGRP_TC 4, RTNLGRP_IPV4_IFADDR 5,
+# RTNLGRP_IPV4_ROUTE 7, RTNLGRP_IPV4_RULE 8; the bind() group mask has bit (group - 1).
+GROUPS = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7)
 _SOL_NETLINK = 270
 _SO_RCVBUFFORCE = 33
 _NETLINK_ROUTE = 0
@@ -63,6 +65,7 @@ _RTM_NEWLINK, _RTM_DELLINK, _RTM_GETLINK = 16, 17, 18
 _RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
 _RTM_NEWROUTE, _RTM_DELROUTE, _RTM_GETROUTE = 24, 25, 26
 _RTM_NEWRULE, _RTM_DELRULE, _RTM_GETRULE = 32, 33, 34
+_RTM_DELQDISC, _RTM_DELTFILTER = 37, 45
 _DELETIONS = frozenset({_RTM_DELLINK, _RTM_DELADDR, _RTM_DELROUTE, _RTM_DELRULE})
 _IFF_UP = 0x1
 _RT_TABLE_MAIN = 254
@@ -127,7 +130,17 @@ class RuleEvent:
     action: int = 1  # FR_ACT_TO_TBL
 
 
-Event: TypeAlias = LinkEvent | AddrEvent | RouteEvent | RuleEvent
+@attrs.frozen(kw_only=True)
+class TcEvent:
+    """Someone removed a qdisc or a tc filter (``netlink.dot1q``'s programs live there). Only
+    explicit removals are reported: a link deleted with its programs is a LinkEvent."""
+
+    kind: Kind
+    index: int  # the link's ifindex
+    parent: int  # the hook: ingress ffff:fff2, egress ffff:fff3, clsact ffff:fff1
+
+
+Event: TypeAlias = LinkEvent | AddrEvent | RouteEvent | RuleEvent | TcEvent
 
 
 @attrs.frozen(kw_only=True)
@@ -206,6 +219,7 @@ class DumpFailed(WatcherError):
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
+_TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _HEAD = _NLMSGHDR.size
@@ -262,6 +276,9 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
             up=bool(flags & _IFF_UP),
             kind_of_link=_text(_attrs(info, 0).get(IFLA_INFO_KIND)) if info else "",
         )
+    if mtype in (_RTM_DELQDISC, _RTM_DELTFILTER):
+        _, index, _, parent, _ = _TCMSG.unpack_from(raw, _HEAD)
+        return TcEvent(kind="del", index=index, parent=parent)
     family = raw[_HEAD] if len(raw) > _HEAD else 0
     if family != socket.AF_INET:
         return None

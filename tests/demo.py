@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from cloud.emulator import Vpc
-from cloud.emulator.dot1q.links import kernel_has_vlan_devices
+from tests.frames import udp_from, vlan_of_next_frame
 from tests.harness import CniResult, Node, ping
 from tests.netns import Netns
 
@@ -90,8 +90,7 @@ def aws_demo() -> int:
         "Bringing up an emulated VPC 10.0.0.0/16: EC2 API + IMDS (moto, patched), a router and an "
         "internet namespace"
     )
-    frames = "802.1q" if branch_link() == "vlan" else "mac"
-    with Vpc.start("10.0.0.0/16", branch_frames=frames) as vpc:
+    with Vpc.start("10.0.0.0/16") as vpc:
         try:
             subnet = vpc.add_subnet("10.0.0.0/20")
             print(
@@ -206,12 +205,6 @@ def aws_demo() -> int:
 DB_PORT = 5432
 
 
-def branch_link() -> str:
-    """This kernel may lack 802.1Q (CONFIG_VLAN_8021Q): then branch links are macvlan and the
-    VPC tells branches apart by MAC; with 802.1Q, real VLAN links and tagged frames, as on EC2."""
-    return "vlan" if kernel_has_vlan_devices() else "macvlan"
-
-
 def connect(pod: Netns, ip: str, port: int, timeout: float = 3.0) -> str | None:
     """One real TCP exchange: the address the server saw, or None when it never connected."""
     code = (
@@ -275,7 +268,7 @@ def security_groups_story(vpc: Vpc, subnet: Any, nodes: list[Node]) -> int:
             tag=name,
             extra_config=(
                 f'[security_groups]\nenabled = true\nenforcing_mode = "{mode}"\n'
-                f'branch_link = "{branch_link()}"\nbranch_cooldown = 10.0\n'
+                "branch_cooldown = 10.0\n"
             ),
         )
         nodes.append(node)
@@ -310,6 +303,15 @@ def security_groups_story(vpc: Vpc, subnet: Any, nodes: list[Node]) -> int:
             f"shop/orders ({orders_ip}, group app) -> database {vm.primary_ip}:{DB_PORT}: "
             f"connected, the database sees {seen}",
             seen == orders_ip,
+        )
+        sg = node.call("agent.status")["security_groups"]
+        vlan = next(p["branch"]["vlan"] for p in node.call("agent.pods") if p["branch"])
+        send = udp_from(orders, vm.primary_ip)
+        tag = vnode.call(lambda: vlan_of_next_frame(sg["trunk"]["link"], send))  # noqa: B023
+        failures += not show(
+            f"shop/orders' frames leave the trunk's link {sg['trunk']['link']} 802.1Q-tagged "
+            f"with VLAN {tag} ({sg['link_detail']})",
+            tag == vlan,
         )
         drops = vpc.drops(vm.eni_id).inbound
         started = time.monotonic()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections.abc import Callable
+from typing import Protocol
 
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
@@ -48,5 +50,19 @@ def udp_probe(source: str, to: str, port: int = 9) -> Callable[[], None]:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((source, 0))
             s.sendto(b"x", (to, port))
+
+    return send
+
+
+class _Runs(Protocol):
+    def run(self, *cmd: str, check: bool = True) -> object: ...
+
+
+def udp_from(ns: _Runs, to: str, port: int = 9) -> Callable[[], None]:
+    """A sender of one UDP datagram from another namespace (a pod's: ``tests.netns.Netns``)."""
+    code = f"import socket; socket.socket(2, 2).sendto(b'x', ('{to}', {port}))"
+
+    def send() -> None:
+        ns.run(sys.executable, "-c", code)
 
     return send

@@ -11,6 +11,7 @@ from functools import partial
 
 import anyio
 
+from netlink.dot1q.links import Support
 from netlink.errors import RequestFailed
 from netlink.requests import Link
 from netlink.veth import Datapath, PodNet, WiredPod
@@ -68,6 +69,14 @@ class ThreadedDatapath:
 
     async def branch_links(self) -> dict[str, Link]:
         return await anyio.to_thread.run_sync(self._dp.branch_links, limiter=self._limiter)
+
+    async def vlan_support(self) -> Support:
+        return await anyio.to_thread.run_sync(self._dp.vlan_support, limiter=self._limiter)
+
+    async def sync_dot1q(self, parents: list[int], dry_run: bool = False) -> list[str]:
+        return await anyio.to_thread.run_sync(
+            partial(self._dp.sync_dot1q, parents, dry_run=dry_run), limiter=self._limiter
+        )
 
     async def iif_rules(self) -> list[IifRule]:
         return await anyio.to_thread.run_sync(self._dp.iif_rules, limiter=self._limiter)

@@ -8,7 +8,9 @@ no allocation owns, seen so on two looks at least ``grace`` apart, is collected;
 other priorities and other tables are someone else's and never planned. Route tables need no
 collection of their own: every route of table 100 + vid goes through ``vlan.eth.<vid>`` or a
 pod's host veth, and the kernel removes a link's routes with the link. The 512/1536 rules of
-standard-mode pods are the ordinary pod rules, collected by ``agent.gc``.
+standard-mode pods are the ordinary pod rules, collected by ``agent.gc``. Where branch links
+are 802.1Q by eBPF (``netlink.dot1q``), each run ends by bringing every trunk's demultiplexer
+back to the live links (a leaked link just deleted leaves its VLAN there until then).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def plan(
 
 class SgKernel(Protocol):
     async def branch_links(self) -> dict[str, Link]: ...
+    async def sync_dot1q(self, parents: list[int], dry_run: bool = False) -> list[str]: ...
     async def iif_rules(self) -> list[IifRule]: ...
     async def delete_iif_rules(self, rules: list[IifRule]) -> None: ...
     async def strict_chains(self) -> dict[str, str]: ...
@@ -162,12 +165,14 @@ class SgGc:
         *,
         grace: float = 10.0,
         clock: Callable[[], float],
+        trunks: Callable[[], list[int]] = list,
     ) -> None:
         self.kernel = kernel
         self.allocations = allocations
         self.delete_links = delete_links  # the CNI service's shared link deleter
         self.grace = grace
         self.clock = clock
+        self.trunks = trunks  # the trunk's ifindex, once known
         self.sightings = SgSightings()
 
     async def run_once(self, *, dry_run: bool = False) -> SgGcReport:
@@ -180,7 +185,8 @@ class SgGc:
         the_plan = plan(owned_by(self.allocations()), obs, self.clock(), self.grace, self.sightings)
         lines = tuple(the_plan.describe())
         if dry_run:
-            return SgGcReport(collected=the_plan.size, lines=lines)
+            stale = await self.kernel.sync_dot1q(self.trunks(), dry_run=True)
+            return SgGcReport(collected=the_plan.size + len(stale), lines=lines + tuple(stale))
         self.sightings = the_plan.sightings
         # re-check against the allocations now: an ADD may have taken a VLAN meanwhile
         owned = owned_by(self.allocations())
@@ -199,6 +205,10 @@ class SgGc:
             if chains:
                 await self.kernel.delete_strict_chains(chains)
                 done += len(chains)
+            # after the links went: each trunk's 802.1Q demultiplexer back to its live links
+            synced = await self.kernel.sync_dot1q(self.trunks())
+            lines += tuple(synced)
+            done += len(synced)
         except NetlinkError as e:
             errors.append(f"branch datapath: {e}")
         if done:

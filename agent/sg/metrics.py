@@ -4,7 +4,8 @@ Events: ``podwire_branch_workflows_total{workflow,outcome}`` and
 ``podwire_branch_workflow_duration_seconds{workflow}`` (create: create + associate; delete:
 disassociate + delete), ``podwire_sg_adds_total{source}`` (eks, annotation, policy).
 State read at scrape time: ``podwire_branch_enis{state}``, ``podwire_branch_limit``,
-``podwire_branch_vlans_held_by_others``, ``podwire_trunk_attached``.
+``podwire_branch_vlans_held_by_others``, ``podwire_trunk_attached``,
+``podwire_branch_link_info{kind}``.
 """
 
 from __future__ import annotations
@@ -41,17 +42,26 @@ class BranchCollector(Collector):
                 "VLANs of the trunk held by branches the agent did not make (EKS's).",
             ),
             GaugeMetricFamily(f"{PREFIX}trunk_attached", "1 while the trunk ENI is attached."),
+            GaugeMetricFamily(
+                f"{PREFIX}branch_link_info",
+                "How branch links carry 802.1Q here: vlan (VLAN devices), ebpf (a veth tagged "
+                "by eBPF under tc, where the kernel has no VLAN devices).",
+                labels=("kind",),
+            ),
         )
 
     def collect(self) -> Iterator[Metric]:
-        enis, limit, others, trunk = self._families()
+        enis, limit, others, trunk, link = self._families()
         state = self._state()
         for name in ("creating", "associated", "cooling", "deleting"):
             enis.add_metric((name,), state.get(name, 0))
         limit.add_metric((), state.get("limit", 0))
         others.add_metric((), state.get("others", 0))
         trunk.add_metric((), state.get("trunk", 0))
-        yield from (enis, limit, others, trunk)
+        for key, value in state.items():
+            if key.startswith("link:"):
+                link.add_metric((key[5:],), value)
+        yield from (enis, limit, others, trunk, link)
 
 
 class SgMetrics:

@@ -17,7 +17,10 @@ Theory of operation.
   only wires it (its VLAN is marked held so an agent-made branch never takes it). Otherwise
   ``BranchManager.acquire`` makes one (create + associate) or hands back the pod's own.
 * DEL: an agent-made branch cools down, then goes (``BranchManager``); an EKS branch is EKS's.
-* Node-wide, once: in strict mode the ``local`` rule moves from priority 0 to 20.
+* Node-wide, once: in strict mode the ``local`` rule moves from priority 0 to 20; and the
+  kernel is asked how ``vlan.eth.<vid>`` can carry 802.1Q: a ``vlan`` device, or where the
+  kernel has none a veth tagged by eBPF under tc (``ebpf``, ``netlink.dot1q``), reported in
+  ``agentctl status``, the log and ``podwire_branch_link_info{kind}``.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ from agent.sg.policy import Decision, PodIdentity, SecurityGroupPolicy, Source, 
 from agent.sg.records import SgAttachment
 from cloud.errors import CloudError, LimitExceeded, NotFound
 from cloud.trunk import BranchCloud
+from netlink.dot1q.links import Support
 from netlink.errors import NetlinkError
 from netlink.requests import RT_TABLE_LOCAL
-from netlink.vlan import BranchLink, table_of
+from netlink.vlan import BranchLink, LinkKind, table_of
 from netlink.watcher import Batch, Item, RuleEvent
 
 log = logging.getLogger("podwire.sg")
@@ -136,7 +140,10 @@ class LinkWaiter(Protocol):
 
 
 class NodeRules(Protocol):
+    """What the service needs of the node's kernel (``agent.cni.datapath.ThreadedDatapath``)."""
+
     async def move_local_rule(self) -> bool: ...
+    async def vlan_support(self) -> Support: ...
 
 
 BranchCloudFactory = Callable[[TrunkInfo], Awaitable[BranchCloud]]
@@ -205,6 +212,10 @@ class SgService:
         self.reason = "" if settings.enabled else "security_groups.enabled is off"
         self.limit = 0
         self.trunk: Trunk | None = None
+        # How branch links are made here: the setting, resolved against the kernel at restore
+        # (``vlan`` becomes ``ebpf`` where the kernel has no VLAN devices).
+        self.link_kind: LinkKind = "macvlan" if settings.branch_link == "macvlan" else "vlan"
+        self.link_detail = ""
         self.manager: BranchManager | None = None
         self.live: Callable[[str], bool] = lambda key: True
         # Standard-mode pods are SNATed like ordinary ones: their addresses join SNAT's sources.
@@ -239,6 +250,7 @@ class SgService:
         out["limit"] = self.limit
         out["others"] = len(self.manager.external) if self.manager else len(self._eks)
         out["trunk"] = 1.0 if self.trunk is not None else 0.0
+        out[f"link:{self.link_kind}"] = 1.0
         return out
 
     # -- restore --------------------------------------------------------------------------------
@@ -300,10 +312,42 @@ class SgService:
             self.events.publish("sg.unavailable", reason=self.reason)
             return
         self.limit = limit
+        if not await self._resolve_link_kind():
+            return
         strict = self.mode == "strict" and self.rules is not None
         if strict and self.rules is not None and await self.rules.move_local_rule():
             log.info("strict mode: the local rule moved from priority 0 to 20")
         await self._find_trunk(create=self.agent_branches)
+
+    async def _resolve_link_kind(self) -> bool:
+        """Probe (once, in the node's namespace) how ``vlan`` links can be made: real VLAN
+        devices, else a veth tagged by eBPF. Returns False (and says why) when neither."""
+        if self.link_kind != "vlan" or self.rules is None:
+            return True
+        kind: str | None = None
+        try:
+            support = await self.rules.vlan_support()
+        except NetlinkError as e:
+            self.link_detail = f"cannot probe 802.1Q support: {e}"
+        else:
+            self.link_detail, kind = support.describe(), support.kind
+        if kind is None:
+            self.state = "unsupported"
+            self.reason = self.link_detail
+            log.warning(
+                "security groups for pods unavailable: %s; pods that ask for groups are "
+                "refused, ordinary pods are served",
+                self.reason,
+            )
+            self.events.publish("sg.unavailable", reason=self.reason)
+            return False
+        self.link_kind = "vlan" if kind == "vlan" else "ebpf"
+        log.info("branch links: %s", self.link_detail, extra={"kind": self.link_kind})
+        return True
+
+    def trunk_indexes(self) -> list[int]:
+        """The trunk's ifindex, once known (GC brings its 802.1Q demultiplexer back)."""
+        return [self.trunk.index] if self.trunk is not None else []
 
     async def _find_trunk(self, *, create: bool) -> bool:
         """Look for the trunk (and make it when ``create``); set up the branch manager.
@@ -568,7 +612,7 @@ class SgService:
             mac=att.mac,
             gateway=att.gateway,
             strict=att.strict,
-            kind=att.link,
+            kind="macvlan" if att.link == "macvlan" else self.link_kind,
         )
 
     def records(self) -> list[BranchRecord]:
@@ -587,7 +631,8 @@ class SgService:
             "reason": self.reason,
             "mode": self.settings.enforcing_mode,
             "branches": self.settings.branches,
-            "link": self.settings.branch_link,
+            "link": self.link_kind,
+            "link_detail": self.link_detail,
             "limit": self.limit,
             "trunk": attrs.asdict(self.trunk) if self.trunk else None,
             "counts": counts,

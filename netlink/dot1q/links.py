@@ -176,10 +176,10 @@ class Demux:
         return self.attached is not None and self.attached.tag in tags(self.program)
 
     def describe(self) -> str:
-        held = self.attached.name if self.attached is not None else "none"
+        found = self.attached.name if self.attached is not None else "nothing"
         return (
-            f"802.1Q demultiplexer on ifindex {self.parent}: VLANs {ranges(self.vlans)} "
-            f"(attached: {held})"
+            f"802.1Q demultiplexer on ifindex {self.parent} for VLANs {ranges(self.vlans)} "
+            f"(found: {found})"
         )
 
 

@@ -3,8 +3,8 @@ the real plugin, branch ENIs made through EC2 (trunk, CreateNetworkInterface,
 AssociateTrunkInterface), their limit and cooldown, throttling, a SIGKILL mid-creation, and
 the EKS annotation path (a branch made by someone else).
 
-This kernel has no 802.1Q: the agent's branch links are macvlan (``branch_link``), which the
-emulator's VPC tells apart by MAC."""
+The trunk's cable carries 802.1Q frames, as on EC2: this kernel has no VLAN devices, so the
+agent's ``vlan.eth.<vid>`` links are its veths tagged by eBPF (``netlink.dot1q``)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ FAST = {
 }
 
 
-def sg_agent(vpc: Vpc, vnode: VpcNode, tag: str, *, cooldown: float = 2.0, **sg: Any) -> Node:
+def sg_agent(
+    vpc: Vpc, vnode: VpcNode, tag: str, *, cooldown: float = 2.0, prelude: str = "", **sg: Any
+) -> Node:
     settings = {
         "imds_url": vnode.imds_url,
         "ec2_endpoint": vnode.ec2_url,
@@ -47,7 +49,6 @@ def sg_agent(vpc: Vpc, vnode: VpcNode, tag: str, *, cooldown: float = 2.0, **sg:
     }
     section = {
         "enabled": True,
-        "branch_link": "macvlan",
         "branch_cooldown": cooldown,
         "branch_wait": 10.0,
         **sg,
@@ -59,7 +60,8 @@ def sg_agent(vpc: Vpc, vnode: VpcNode, tag: str, *, cooldown: float = 2.0, **sg:
         env=CREDS,
         cooldown=1.0,
         tag=tag,
-        extra_config="[security_groups]\n"
+        extra_config=prelude
+        + "[security_groups]\n"
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()),
     )
     node.start()
@@ -272,7 +274,7 @@ def test_the_eks_annotation_wires_a_branch_made_by_someone_else(vpc: Vpc) -> Non
         assert r.ip == branch["PrivateIpAddress"]
         assert ec2_calls(node, "CreateNetworkInterface") == before  # wired, nothing made
         link = node.netns.run("ip", "-d", "link", "show", "vlan.eth.7").stdout
-        assert branch["MacAddress"].lower() in link and "macvlan" in link
+        assert branch["MacAddress"].lower() in link and "alias podwire 802.1Q id 7" in link
         (row,) = [p for p in node.call("agent.pods") if p["branch"]]
         assert row["branch"] == {
             "eni": branch["NetworkInterfaceId"],

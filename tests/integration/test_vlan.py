@@ -4,9 +4,11 @@ A test bed of namespaces stands in for a node on a VPC: the node has ``eth0`` (i
 and ``eth1`` (the trunk ENI), both veths cabled to a ``vpc`` namespace that routes like the
 VPC: every pod address is routed to the trunk's cable with a permanent neighbour entry for the
 pod's branch MAC, the subnet gateway answers by proxy ARP, and a ``db`` namespace is another
-host of the subnet. This kernel has no 802.1Q, so the branch links are ``macvlan`` (the VPC
-here tells branches apart by MAC); names, MACs, tables, routes and rules are what ``vlan``
-links get. Nothing outside the namespaces the test made is touched.
+host of the subnet. The trunk's cable carries 802.1Q frames: the node's branch links are
+``ebpf`` (this kernel has no VLAN devices: a veth tagged by eBPF, ``netlink.dot1q``), and the
+``vpc`` side takes each branch's VLAN off the cable with the same construction (``rt.<vid>``).
+Names, MACs, tables, routes and rules are what ``vlan`` links get. Nothing outside the
+namespaces the test made is touched.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from ipaddress import IPv4Address
 import attrs
 import pytest
 
+from cloud.emulator.netns import call_in_netns
 from netlink import Datapath, PodNet
+from netlink.dot1q import links
+from netlink.dot1q.links import Dot1qLink
 from netlink.names import host_veth_name
+from netlink.rtnl import opened_in
 from netlink.vlan import BranchLink, IifRule
+from tests.frames import udp_from, vlan_of_next_frame
 from tests.netns import Netns
 
 pytestmark = pytest.mark.root
@@ -31,6 +38,7 @@ GW = "10.9.0.1"
 NODE_IP = "10.9.0.10"
 DB_IP = "10.9.0.200"
 TRUNK_MAC = "02:00:00:00:00:e1"
+VPC_MAC = "02:00:00:00:00:aa"  # the VPC's side of every branch
 
 
 def kernel_has_vlan(ns: Netns) -> bool:
@@ -69,6 +77,8 @@ class Bed:
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.proxy_arp=1",
             "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
             "net.ipv4.conf.default.send_redirects=0",
         )
         v.run("ip", "addr", "add", f"{GW}/32", "dev", "lo")
@@ -105,14 +115,23 @@ class Bed:
         d.run("ip", "addr", "add", f"{DB_IP}/24", "dev", "eth0")
         d.run("ip", "route", "add", "default", "via", GW, "dev", "eth0")
         self.trunk_index = int(n.run("cat", "/sys/class/net/eth1/ifindex").stdout)
+        self.rt_index = int(v.run("cat", "/sys/class/net/rt/ifindex").stdout)
         self.dp = Datapath(n.path)
         self.servers: list[subprocess.Popen[bytes]] = []
 
     def branch_for(self, vlan: int, ip: str, *, strict: bool) -> tuple[BranchLink, str]:
-        """A branch ENI the VPC routes: its MAC, and the VPC's route to its address."""
+        """A branch ENI the VPC routes: its MAC, its VLAN taken off the trunk's cable into
+        ``rt.<vid>``, and the VPC's route to its address through that."""
         mac = f"02:00:00:00:{vlan:02x}:{vlan:02x}"
-        self.vpc.run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", "rt", "nud", "permanent")
-        self.vpc.run("ip", "route", "replace", f"{ip}/32", "dev", "rt")
+        side = f"rt.{vlan}"
+        with opened_in(self.vpc.path) as rtnl:
+            links.create(
+                rtnl, Dot1qLink(name=side, vlan_id=vlan, mac=VPC_MAC, parent=self.rt_index)
+            )
+        v = self.vpc
+        v.run("ip", "ntable", "change", "name", "arp_cache", "dev", side, "proxy_delay", "0")
+        v.run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", side, "nud", "permanent")
+        v.run("ip", "route", "replace", f"{ip}/32", "dev", side)
         return (
             BranchLink(
                 vlan=vlan,
@@ -120,7 +139,7 @@ class Bed:
                 mac=mac,
                 gateway=IPv4Address(GW),
                 strict=strict,
-                kind="macvlan",
+                kind="ebpf",
             ),
             mac,
         )
@@ -215,14 +234,18 @@ def test_strict_mode_builds_exactly_vpc_cnis_datapath(bed: Bed) -> None:
     ]
     assert "10.9.0.50" not in bed.node.run("ip", "route").stdout  # nothing in main
     link = bed.node.run("ip", "-d", "link", "show", "vlan.eth.5").stdout
-    assert "vlan.eth.5@eth1" in link and "02:00:00:00:05:05" in link and "macvlan" in link
+    assert "vlan.eth.5@vlan.eth.5p" in link and "02:00:00:00:05:05" in link and "veth" in link
+    assert f"alias podwire 802.1Q id 5 on ifindex {bed.trunk_index}" in link
     assert "UP" in link and "inet " not in bed.node.run("ip", "addr", "show", "vlan.eth.5").stdout
     assert bed.dp.check(pod) == []
-    # pod -> another host of the VPC: out of the VLAN link, across the VPC
+    # pod -> another host of the VPC: out of the VLAN link, tagged, across the VPC
     before = forwarded(bed.vpc)
     bed.serve(bed.db)
     assert tcp(ns, DB_IP) == "10.9.0.50"
     assert forwarded(bed.vpc) > before
+    assert (
+        call_in_netns(bed.node.path, lambda: vlan_of_next_frame("eth1", udp_from(ns, DB_IP))) == 5
+    )
 
 
 def test_standard_mode_builds_exactly_vpc_cnis_datapath(bed: Bed) -> None:
@@ -317,6 +340,8 @@ def test_unwire_leaves_nothing_of_either_mode(bed: Bed) -> None:
     ]
     assert bed.dp.strict_chains() == {}
     assert bed.dp.branch_links() == {}
+    assert "bpf" not in bed.node.run("tc", "filter", "show", "dev", "eth1", "ingress").stdout
+    assert bed.dp.sync_dot1q([bed.trunk_index]) == []
     assert bed.dp.restore_local_rule() is True
     assert rules(bed.node)[0] == "0: from all lookup local"
 
@@ -346,6 +371,47 @@ def test_check_names_and_repair_puts_back_what_someone_removed(bed: Bed, strict:
     assert bed.dp.check(pod) == []
     bed.serve(bed.db)
     assert tcp(ns, DB_IP) == "10.9.0.50"
+
+
+def test_check_names_and_repair_puts_back_a_removed_802_1q_program(bed: Bed) -> None:
+    bed.dp.move_local_rule()
+    ns, pod = bed.pod(5, "10.9.0.50", strict=True)
+    bed.dp.wire(pod)
+    bed.serve(bed.db)
+    bed.node.run("tc", "qdisc", "del", "dev", "vlan.eth.5", "clsact")
+    bed.node.run("tc", "filter", "del", "dev", "eth1", "ingress")
+    missing = bed.dp.check(pod)
+    assert missing == [
+        "802.1Q tagger on vlan.eth.5",
+        f"802.1Q demultiplexer on ifindex {bed.trunk_index}",
+    ]
+    assert bed.dp.repair_host(pod) == missing
+    assert bed.dp.check(pod) == []
+    assert tcp(ns, DB_IP) == "10.9.0.50"
+
+
+def test_gc_brings_the_demultiplexer_back_to_the_live_links(bed: Bed) -> None:
+    _, pod = bed.pod(5, "10.9.0.50", strict=False)
+    bed.dp.wire(pod)
+    # what a crashed ADD leaves: a link of VLAN 9 no pod owns, in the demultiplexer
+    with opened_in(bed.node.path) as rtnl:
+        links.create(
+            rtnl,
+            Dot1qLink(
+                name="vlan.eth.9", vlan_id=9, mac="02:00:00:00:09:09", parent=bed.trunk_index
+            ),
+        )
+    assert set(bed.dp.branch_links()) == {"vlan.eth.5", "vlan.eth.9"}
+    assert bed.dp.sync_dot1q([bed.trunk_index]) == []  # both links live: nothing to change
+    bed.dp.delete_links(["vlan.eth.9"])  # as GC deletes a leaked link
+    want = [
+        f"802.1Q demultiplexer on ifindex {bed.trunk_index} for VLANs 5 "
+        "(found: pw_dot1q_demux vlans 5,9)"
+    ]
+    assert bed.dp.sync_dot1q([bed.trunk_index], dry_run=True) == want
+    assert bed.dp.sync_dot1q([bed.trunk_index]) == want
+    assert bed.dp.sync_dot1q([bed.trunk_index], dry_run=True) == []
+    assert bed.dp.check(pod) == []
 
 
 def test_a_stale_link_with_the_same_name_is_replaced(bed: Bed) -> None:

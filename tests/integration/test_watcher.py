@@ -26,6 +26,7 @@ from netlink.watcher import (
     Resync,
     RouteEvent,
     RuleEvent,
+    TcEvent,
     Watcher,
 )
 from tests.netns import Netns
@@ -257,3 +258,27 @@ async def test_wait_link_finds_a_link_made_before_or_after_and_times_out_otherwi
         with pytest.raises(LinkWaitTimedOut) as info:
             await watcher.wait_link(mac="02:bb:00:00:00:03", timeout=0.3)
         assert isinstance(info.value, TimeoutError) and info.value.mac == "02:bb:00:00:00:03"
+
+
+async def test_a_removed_tc_program_is_reported_and_a_deleted_link_is_not(
+    make_netns: MakeNetns,
+) -> None:
+    """802.1Q links keep their programs under tc (netlink.dot1q): someone's ``tc qdisc del`` or
+    ``tc filter del`` is an event; a link deleted with its programs is only a link event."""
+    ns = make_netns("tc")
+    await ip_batch(ns, ["link add w0 type veth peer name w1", "link add w2 type veth peer name w3"])
+    for dev in ("w0", "w2"):
+        await anyio.run_process(
+            ["ip", "netns", "exec", ns.name, "tc", "qdisc", "add", "dev", dev, "clsact"]
+        )
+    index = int(ns.run("cat", "/sys/class/net/w0/ifindex").stdout)
+    async with watching(ns) as (_, items):
+        await ip(ns, "link", "del", "w2")
+        gone, seen = await until(items, lambda e: isinstance(e, LinkEvent) and e.kind == "del")
+        await anyio.run_process(
+            ["ip", "netns", "exec", ns.name, "tc", "qdisc", "del", "dev", "w0", "clsact"]
+        )
+        removed, more = await until(items, lambda e: isinstance(e, TcEvent))
+    assert removed == TcEvent(kind="del", index=index, parent=0xFFFFFFF1)
+    events = [e for item in seen + more if isinstance(item, Batch) for e in item.events]
+    assert gone in events and [e for e in events if isinstance(e, TcEvent)] == [removed]

@@ -6,7 +6,7 @@ import attrs
 
 from agent.cni.spec import PodKey
 from agent.repair import suspects
-from netlink.watcher import Batch, LinkEvent, Resync, RouteEvent, RuleEvent
+from netlink.watcher import Batch, LinkEvent, Resync, RouteEvent, RuleEvent, TcEvent
 
 K = PodKey(network="podwire", container_id="c1", ifname="eth0")
 IP = IPv4Address("10.0.0.5")
@@ -46,3 +46,12 @@ def test_what_does_not() -> None:
         )
         == {}
     )
+
+
+def test_a_removed_tc_program_marks_every_branch_pod() -> None:
+    """Branch links' 802.1Q programs live under tc (netlink.dot1q); ordinary pods have none."""
+    branch = PodKey(network="podwire", container_id="c2", ifname="eth0")
+    by_link = {"vlan.eth.5": branch, "pws0123456789ab": branch}
+    removed = TcEvent(kind="del", index=3, parent=0xFFFFFFF2)
+    assert suspects(batch(removed), BY_IP, BY_VETH, by_link=by_link) == {branch: "802.1Q program"}
+    assert suspects(batch(removed), BY_IP, BY_VETH) == {}

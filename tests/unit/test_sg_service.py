@@ -27,6 +27,7 @@ from agent.sg.service import SgService, StaticPolicies
 from cloud.errors import NotFound
 from cloud.provider import AddressBlock
 from cloud.static import usable_hosts
+from netlink.dot1q.links import Support
 from tests.unit.fake_cloud import FakeTrunk
 from tests.unit.fakes import FakeDatapath, FakeProvider
 
@@ -81,13 +82,22 @@ class Waiter:
         return Link()
 
 
+NO_VLAN_DEVICES = Support(vlan_devices=False, ebpf="")  # this machine's kernel
+
+
 class Rules:
-    def __init__(self) -> None:
+    def __init__(self, support: Support = NO_VLAN_DEVICES) -> None:
         self.moved = 0
+        self.support = support
+        self.probes = 0
 
     async def move_local_rule(self) -> bool:
         self.moved += 1
         return self.moved == 1
+
+    async def vlan_support(self) -> Support:
+        self.probes += 1
+        return self.support
 
 
 async def write_here(path: Path, data: bytes) -> None:
@@ -103,7 +113,7 @@ class Node:
         self.tmp = tmp
         self.trunk_cloud = FakeTrunk(limit=9, subnet="10.0.8.0/24")
         self.provider = FakeTrunkProvider(sg.pop("instance_type", "m5.large"))
-        self.rules = Rules()
+        self.rules = Rules(sg.pop("support", NO_VLAN_DEVICES))
         self.settings = SecurityGroupsSection(**{"enabled": True, "branch_wait": 5.0, **sg})
         self.dp = FakeDatapath()
         self.dp.netns.add(NETNS)
@@ -192,6 +202,11 @@ async def test_a_pod_with_groups_gets_a_branch_and_an_ordinary_pod_the_pool(
         assert alloc.table is None and alloc.sg.vlan == 1 and alloc.sg.mode == "strict"
         pod = node.cni.pod_net(alloc)
         assert pod.branch is not None and pod.branch.trunk_index == 7 and pod.branch.strict
+        # this "kernel" has no VLAN devices: 802.1Q by eBPF, probed once, and said so
+        assert pod.branch.kind == "ebpf" and node.rules.probes == 1
+        assert node.sg.status()["link"] == "ebpf"
+        assert "no VLAN devices" in node.sg.status()["link_detail"]
+        assert node.sg.trunk_indexes() == [7]
         on_disk = ckpt.load(node.cni.checkpoint.path)
         assert [a.sg for a in on_disk.allocations if a.sg] == [alloc.sg]
         assert [b.state for b in on_disk.branches] == [State.ASSOCIATED]
@@ -337,6 +352,15 @@ async def test_off_and_unsupported_refuse_pods_with_groups_and_serve_the_others(
         ({"enabled": False}, 112, "not enabled"),
         ({"instance_type": "t3.large"}, 112, "t3.large does not support ENI trunking"),
         ({"instance_type": "x9.huge"}, 112, "x9.huge is not known to support ENI trunking"),
+        (
+            {
+                "support": Support(
+                    vlan_devices=False, ebpf="load eBPF program: Operation not permitted"
+                )
+            },
+            112,
+            "no 802.1Q: this kernel has no VLAN devices and load eBPF program",
+        ),
     ):
         node = Node(tmp_path / str(code) / text[:4], **settings)
         (tmp_path / str(code) / text[:4]).mkdir(parents=True)

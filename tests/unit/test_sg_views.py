@@ -35,8 +35,15 @@ def test_status_line_says_why_when_unavailable() -> None:
         == "strict mode, branches by agent; UNSUPPORTED: t3.large does not support ENI trunking"
     )
     assert show_sg_line(READY) == (
-        "strict mode, branches by agent; trunk eni-trunk on eth2; 9 branches: 2 in use, "
-        "1 cooling, 1 creating, 0 deleting, 1 EKS-made"
+        "strict mode, branches by agent, 802.1Q VLAN links; trunk eni-trunk on eth2; "
+        "9 branches: 2 in use, 1 cooling, 1 creating, 0 deleting, 1 EKS-made"
+    )
+    assert show_sg_line({**READY, "link": "ebpf"}).startswith(
+        "strict mode, branches by agent, 802.1Q links by eBPF; trunk"
+    )
+    no_8021q = "no 802.1Q: this kernel has no VLAN devices and load eBPF program: ..."
+    assert show_sg_line({**READY, "state": "unsupported", "reason": no_8021q}) == (
+        f"strict mode, branches by agent; UNSUPPORTED: {no_8021q}"
     )
 
 
