@@ -90,7 +90,7 @@ def test_ranges_and_labels() -> None:
 
 
 def live(vid: int, index: int, *, parent: int = 3, up: bool = True) -> LiveLink:
-    return LiveLink(name=f"vlan.eth.{vid}", index=index, vlan_id=vid, parent=parent, up=up, mac="")
+    return LiveLink(name=f"vlan.eth.{vid}", index=index, vlan_id=vid, parent=parent, up=up)
 
 
 def test_the_demultiplexer_of_a_set_of_links() -> None:
