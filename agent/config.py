@@ -197,9 +197,9 @@ class SecurityGroupsSection:
     branches: Literal["agent", "controller"] = "agent"
     branch_cooldown: float = 60.0  # a deleted pod's branch waits this long before deletion
     max_branches: int = 0  # 0: the instance type's branch limit
-    # "vlan": an 802.1Q link (what EC2 needs); "macvlan": for kernels without 802.1Q, where
-    # the VPC tells branches apart by MAC (the emulator on such kernels).
-    branch_link: Literal["vlan", "macvlan"] = "vlan"
+    # "vlan": the branch's frames cross the trunk 802.1Q-tagged (what EC2 needs), through a
+    # VLAN device, or where the kernel has none a veth tagged by eBPF (chosen at start).
+    branch_link: Literal["vlan"] = "vlan"
     branch_wait: float = 20.0  # an ADD waits this long for its branch, then answers code 11
     branch_deadline: float = 120.0  # create + associate, or disassociate + delete
     # The same choice as ``branches``, by issue 12's names: "eks" = "controller" (EKS's resource

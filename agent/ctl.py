@@ -71,11 +71,7 @@ def show_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_LINK_WORDS = {
-    "vlan": "802.1Q VLAN links",
-    "ebpf": "802.1Q links by eBPF",
-    "macvlan": "untagged macvlan links",
-}
+_LINK_WORDS = {"vlan": "802.1Q VLAN links", "ebpf": "802.1Q links by eBPF"}
 
 
 def show_sg_line(sg: dict[str, Any]) -> str:

@@ -8,8 +8,7 @@ Theory of operation. The pod side is the ordinary routed veth (``netlink.veth``)
   ``vlan``, an 802.1Q device, where the kernel has them, else ``ebpf``: a veth end of the same
   name, MAC and MTU whose frames eBPF programs under tc tag and untag (``netlink.dot1q``: the
   link's egress tags and sends out of the trunk, the trunk's ingress demultiplexes), the same
-  frames on the wire. (``macvlan``: untagged frames told apart by MAC, for a VPC that does
-  that -- the emulator's ``branch_frames="mac"``.)
+  frames on the wire.
 * route table ``100 + vid``: ``<gw>/32 dev vlan.eth.<vid> scope link`` and ``default via <gw>``
   (gw: the branch subnet's base + 1).
 * strict mode: the pod's ``ip/32 dev <host veth> scope link`` goes in table 100 + vid (not in
@@ -64,10 +63,10 @@ from netlink.requests import (
 )
 from netlink.rtnl import CREATE, Message, Request
 
-LinkKind = Literal["vlan", "ebpf", "macvlan"]
-LINK_KINDS: Final[tuple[LinkKind, ...]] = ("vlan", "ebpf", "macvlan")
+LinkKind = Literal["vlan", "ebpf"]
+LINK_KINDS: Final[tuple[LinkKind, ...]] = ("vlan", "ebpf")
 # What each kind is, as the kernel names it (IFLA_INFO_KIND).
-_KERNEL_KINDS: Final[dict[LinkKind, str]] = {"vlan": "vlan", "ebpf": "veth", "macvlan": "macvlan"}
+_KERNEL_KINDS: Final[dict[LinkKind, str]] = {"vlan": "vlan", "ebpf": "veth"}
 
 VLAN_LINK_PREFIX: Final = "vlan.eth."
 TABLE_BASE: Final = 100
@@ -138,18 +137,15 @@ def dot1q_link(b: BranchLink) -> Dot1qLink:
 
 
 def new_link(b: BranchLink) -> Request:
-    """Create ``vlan.eth.<vid>`` on the trunk with the branch's MAC, up (kinds ``vlan`` and
-    ``macvlan``; ``ebpf`` links are ``netlink.dot1q.links.create``'s). No MTU: it inherits
+    """Create the 802.1Q device ``vlan.eth.<vid>`` on the trunk with the branch's MAC, up
+    (kind ``vlan``; ``ebpf`` links are ``netlink.dot1q.links.create``'s). No MTU: it inherits
     the trunk's."""
-    if b.kind == "vlan":
-        info = {
-            "attrs": [
-                ("IFLA_INFO_KIND", "vlan"),
-                ("IFLA_INFO_DATA", {"attrs": [("IFLA_VLAN_ID", b.vlan)]}),
-            ]
-        }
-    else:
-        info = {"attrs": [("IFLA_INFO_KIND", "macvlan")]}
+    info = {
+        "attrs": [
+            ("IFLA_INFO_KIND", "vlan"),
+            ("IFLA_INFO_DATA", {"attrs": [("IFLA_VLAN_ID", b.vlan)]}),
+        ]
+    }
     msg = link_msg(
         ("IFLA_IFNAME", b.name),
         ("IFLA_LINK", b.trunk_index),

@@ -23,7 +23,6 @@ class SgAttachment:
     mac: str
     subnet_cidr: IPv4Network
     mode: Mode = "strict"
-    link: Literal["vlan", "macvlan"] = "vlan"
     groups: tuple[str, ...] = ()  # () for source eks: EKS's controller chose them
     policies: tuple[str, ...] = ()  # the SecurityGroupPolicy objects that matched
     association: str = ""

@@ -214,7 +214,7 @@ class SgService:
         self.trunk: Trunk | None = None
         # How branch links are made here: the setting, resolved against the kernel at restore
         # (``vlan`` becomes ``ebpf`` where the kernel has no VLAN devices).
-        self.link_kind: LinkKind = "macvlan" if settings.branch_link == "macvlan" else "vlan"
+        self.link_kind: LinkKind = "vlan"
         self.link_detail = ""
         self.manager: BranchManager | None = None
         self.live: Callable[[str], bool] = lambda key: True
@@ -322,7 +322,7 @@ class SgService:
     async def _resolve_link_kind(self) -> bool:
         """Probe (once, in the node's namespace) how ``vlan`` links can be made: real VLAN
         devices, else a veth tagged by eBPF. Returns False (and says why) when neither."""
-        if self.link_kind != "vlan" or self.rules is None:
+        if self.rules is None:
             return True
         kind: str | None = None
         try:
@@ -533,7 +533,6 @@ class SgService:
                 mac=eni.mac,
                 subnet_cidr=eni.subnet_cidr,
                 mode=self.settings.enforcing_mode,
-                link=self.settings.branch_link,
                 association=eni.association_id,
             )
             self._eks[key] = eni.vlan
@@ -567,7 +566,6 @@ class SgService:
             mac=rec.mac,
             subnet_cidr=rec.subnet_cidr,
             mode=self.settings.enforcing_mode,
-            link=self.settings.branch_link,
             groups=decision.groups,
             policies=decision.policies,
             association=rec.association_id,
@@ -612,7 +610,7 @@ class SgService:
             mac=att.mac,
             gateway=att.gateway,
             strict=att.strict,
-            kind="macvlan" if att.link == "macvlan" else self.link_kind,
+            kind=self.link_kind,
         )
 
     def records(self) -> list[BranchRecord]:

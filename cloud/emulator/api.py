@@ -27,7 +27,7 @@ from moto.moto_server.werkzeug_app import create_backend_app
 from cloud.emulator import actions, info
 from cloud.emulator.control import ControlApp
 from cloud.emulator.echo import EchoServer
-from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, BranchFrames, Fabric
+from cloud.emulator.fabric import INTERNET_IP, METADATA_IP, Fabric
 from cloud.emulator.faults import FaultPlan
 from cloud.emulator.firewall import Firewall
 from cloud.emulator.gce_metadata import GceMetadataApp, GceMetadataServer, MetadataRouter
@@ -250,16 +250,14 @@ class Vpc:
         region: str = "us-east-1",
         fabric: bool = True,
         security_groups: bool = True,
-        branch_frames: BranchFrames = "802.1q",
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> Vpc:
         """Start the emulator with one VPC of ``cidr`` and return it (use it as a context
         manager, or call ``stop()``). ``port`` 0 picks a free port (see ``ec2_url``). With the
-        fabric, the router enforces security groups unless ``security_groups=False``;
-        ``branch_frames`` says how trunks carry their branches (``Fabric.create``)."""
+        fabric, the router enforces security groups unless ``security_groups=False``."""
         actions.apply()
-        made = Fabric.create(branch_frames) if fabric else None
+        made = Fabric.create() if fabric else None
         try:
             firewall = (
                 Firewall.open(made.router.name, made.router.path)

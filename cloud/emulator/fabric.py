@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Literal
 
 import attrs
 import orjson
@@ -42,7 +41,6 @@ INTERNET_NET = IPv4Network("203.0.113.0/24")
 ROUTER_INTERNET_IP = IPv4Interface("203.0.113.1/24")
 INTERNET_IP = IPv4Interface("203.0.113.10/24")
 _NEXT_HOPS = IPv4Network("169.254.0.0/17")
-BranchFrames = Literal["802.1q", "mac"]
 
 _ROUTER_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
@@ -74,12 +72,9 @@ class _PluggedBranch:
 class Fabric:
     """The router and internet namespaces and the cables, branches and routes built so far."""
 
-    def __init__(
-        self, router: Namespace, internet: Namespace, branch_frames: BranchFrames = "802.1q"
-    ) -> None:
+    def __init__(self, router: Namespace, internet: Namespace) -> None:
         self.router = router
         self.internet = internet
-        self.branch_frames = branch_frames
         self._plugged: dict[str, _Plugged] = {}
         self._branches: dict[str, _PluggedBranch] = {}
         self._routes: dict[IPv4Network, str] = {}
@@ -87,12 +82,8 @@ class Fabric:
         self._seq = itertools.count(1)
 
     @classmethod
-    def create(cls, branch_frames: BranchFrames = "802.1q") -> Fabric:
-        """Make the router and internet namespaces, cabled together; return the fabric.
-
-        ``branch_frames``: how a trunk's cable carries its branches: ``802.1q`` (EC2: tagged
-        with the branch's VLAN id, from the branch's MAC) or ``mac`` (untagged, told apart by
-        the branch's MAC alone: for node sides on kernels that cannot tag)."""
+    def create(cls) -> Fabric:
+        """Make the router and internet namespaces, cabled together; return the fabric."""
         router = Namespace.create("vpc")
         internet = None
         try:
@@ -118,7 +109,7 @@ class Fabric:
             if internet is not None:
                 internet.delete()
             raise
-        return cls(router, internet, branch_frames)
+        return cls(router, internet)
 
     def apply(self, wiring: Wiring) -> None:
         """Make the kernel match ``wiring``. Raises FabricError if an ``ip`` command fails and
@@ -221,7 +212,6 @@ class Fabric:
 
     def _attach_programs(self, rtnl: Rtnl, trunks: set[str], branches: list[str]) -> None:
         index = self._ifindexes()
-        tagged = self.branch_frames == "802.1q"
         for eni_id in branches:
             pb = self._branches[eni_id]
             cable = self._plugged[pb.branch.trunk_eni_id]
@@ -229,7 +219,7 @@ class Fabric:
                 rtnl,
                 index[pb.router_if],
                 "egress",
-                programs.tagger(pb.branch.vlan_id if tagged else None, index[cable.router_if]),
+                programs.tagger(pb.branch.vlan_id, index[cable.router_if]),
                 "pw_dot1q_tag",
                 f"vpc tagger of {eni_id}",
             )
@@ -247,7 +237,7 @@ class Fabric:
             program = programs.demux(
                 [
                     programs.Branch(
-                        vlan_id=b.vlan_id if tagged else None,
+                        vlan_id=b.vlan_id,
                         ifindex=index[self._branches[b.eni_id].router_if],
                         mac=b.mac,
                     )

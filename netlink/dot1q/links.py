@@ -331,14 +331,20 @@ def delete(rtnl: Rtnl, link: Dot1qLink) -> None:
 
 
 def problems(rtnl: Rtnl, link: Dot1qLink, index: int) -> list[str]:
-    """What is wrong with the programs of ``link`` (at ``index``) and its parent's
-    demultiplexer, in CHECK's words; [] when nothing. The link itself (name, MAC, up) is the
-    caller's to check. Raises RequestFailed."""
+    """What is wrong with ``link`` (at ``index``) as an 802.1Q link -- its alias, its tagger,
+    its parent's demultiplexer -- in CHECK's words; [] when nothing. Its name, MAC and state
+    are the caller's to check. Raises RequestFailed."""
     out = []
+    found = live_links(rtnl)
+    mine = next((x for x in found if x.index == index), None)
+    if mine is None or (mine.vlan_id, mine.parent) != (link.vlan_id, link.parent):
+        # made for another VLAN or trunk (a trunk attached again has a new ifindex): the
+        # caller's "link ..." problems have the link made afresh
+        out.append(f"link {link.name} not 802.1Q id {link.vlan_id} on ifindex {link.parent}")
     attached = _ours(kernel.filters(rtnl, index, "egress"))
     if attached is None or attached.tag not in tags(tagger(link.vlan_id, link.parent)):
         out.append(f"802.1Q tagger on {link.name}")
-    state = look(rtnl, link.parent)
+    state = look(rtnl, link.parent, found)
     if not state.exact or link.vlan_id not in state.vlans:
         out.append(f"802.1Q demultiplexer on ifindex {link.parent}")
     return out

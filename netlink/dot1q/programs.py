@@ -12,9 +12,6 @@ The programs are straight-line code generated per configuration (one compare per
 maps): a few instructions per branch, replaced whole when the set changes. Being a pure
 function of the configuration, a program attached in the kernel is recognised by its tag
 (``tags``): the kernel's hash of the instructions, reported by tc.
-
-A branch may also be untagged (``vlan_id`` None), told apart by its source MAC alone: for node
-sides that cannot tag (the emulator's ``branch_frames="mac"``).
 """
 
 from __future__ import annotations
@@ -67,15 +64,11 @@ def _s32(value: int) -> int:
 @attrs.frozen(kw_only=True)
 class Branch:
     """One branch of a parent link: frames tagged ``vlan_id`` (and, if ``mac`` is set, sent from
-    that MAC) go to interface ``ifindex``. With ``vlan_id`` None the branch's frames travel
-    untagged and are told apart by ``mac`` alone."""
+    that MAC: the VPC's side checks the branch ENI's) go to interface ``ifindex``."""
 
-    vlan_id: int | None
+    vlan_id: int
     ifindex: int
     mac: str | None = None
-
-
-_JA = 0x05
 
 
 class _Asm:
@@ -105,16 +98,14 @@ class _Asm:
         return b"".join(out)
 
 
-def tagger(vlan_id: int | None, parent_ifindex: int) -> bytes:
-    """Egress program of a branch link: push the tag (unless ``vlan_id`` is None), send the
-    frame out of the parent."""
+def tagger(vlan_id: int, parent_ifindex: int) -> bytes:
+    """Egress program of a branch link: push the tag, send the frame out of the parent."""
     asm = _Asm()
     asm.op(_MOV64_X, _R6, _R1)
-    if vlan_id is not None:
-        asm.op(_MOV64_X, _R1, _R6)
-        asm.op(_MOV64_K, _R2, imm=socket.htons(ETH_P_8021Q))
-        asm.op(_MOV64_K, _R3, imm=vlan_id)
-        asm.op(_CALL, imm=_VLAN_PUSH)
+    asm.op(_MOV64_X, _R1, _R6)
+    asm.op(_MOV64_K, _R2, imm=socket.htons(ETH_P_8021Q))
+    asm.op(_MOV64_K, _R3, imm=vlan_id)
+    asm.op(_CALL, imm=_VLAN_PUSH)
     asm.op(_MOV64_K, _R1, imm=parent_ifindex)
     asm.op(_MOV64_K, _R2, imm=0)
     asm.op(_CALL, imm=_REDIRECT)
@@ -130,10 +121,9 @@ def _mac_compare(asm: _Asm, mac: str, miss: str) -> None:
     asm.jump(_JNE32_K, _R2, struct.unpack("<H", raw[4:])[0], miss)
 
 
-def _deliver(asm: _Asm, ifindex: int, *, pop: bool) -> None:
-    if pop:
-        asm.op(_MOV64_X, _R1, _R6)
-        asm.op(_CALL, imm=_VLAN_POP)
+def _deliver(asm: _Asm, ifindex: int) -> None:
+    asm.op(_MOV64_X, _R1, _R6)
+    asm.op(_CALL, imm=_VLAN_POP)
     asm.op(_MOV64_K, _R1, imm=ifindex)
     asm.op(_MOV64_K, _R2, imm=BPF_F_INGRESS)
     asm.op(_CALL, imm=_REDIRECT)
@@ -142,15 +132,11 @@ def _deliver(asm: _Asm, ifindex: int, *, pop: bool) -> None:
 
 def demux(branches: Sequence[Branch]) -> bytes:
     """Ingress program of a parent link: a tagged frame whose VLAN id (and source MAC, where
-    given) is a branch's loses its tag and arrives on that branch's link, as does an untagged
-    frame from the MAC of an untagged branch; every other frame goes on unchanged (untagged
-    ones are the parent's own; the rest are for netfilter to refuse)."""
-    tagged = [b for b in branches if b.vlan_id is not None]
-    untagged = [b for b in branches if b.vlan_id is None]
-    if len({b.vlan_id for b in tagged}) != len(tagged):
+    given) is a branch's loses its tag and arrives on that branch's link; every other frame
+    goes on unchanged (untagged ones are the parent's own; the rest are for netfilter to
+    refuse, or dropped by the stack as another host's)."""
+    if len({b.vlan_id for b in branches}) != len(branches):
         raise ValueError("VLAN ids must be unique on one parent")
-    if any(b.mac is None for b in untagged):
-        raise ValueError("an untagged branch is told apart by its MAC: give one")
     asm = _Asm()
     asm.op(_MOV64_X, _R6, _R1)
     if any(b.mac for b in branches):
@@ -163,21 +149,15 @@ def demux(branches: Sequence[Branch]) -> bytes:
         asm.op(_CALL, imm=_LOAD_BYTES)
         asm.jump(_JNE_K, _R0, 0, "pass")
     asm.op(_LDX_W, _R2, _R6, _VLAN_PRESENT)
-    asm.jump(_JNE_K, _R2, 0, "tagged")
-    for i, branch in enumerate(untagged):
-        _mac_compare(asm, branch.mac or "", f"untagged{i}")
-        _deliver(asm, branch.ifindex, pop=False)
-        asm.label(f"untagged{i}")
-    asm.jump(_JA, 0, 0, "pass")
-    asm.label("tagged")
+    asm.jump(_JEQ_K, _R2, 0, "pass")
     asm.op(_LDX_W, _R7, _R6, _VLAN_TCI)
     asm.op(_AND64_K, _R7, imm=VLAN_VID_MASK)
-    for i, branch in enumerate(tagged):
-        asm.jump(_JNE_K, _R7, branch.vlan_id or 0, f"tagged{i}")
+    for i, branch in enumerate(branches):
+        asm.jump(_JNE_K, _R7, branch.vlan_id, f"next{i}")
         if branch.mac:
             _mac_compare(asm, branch.mac, "pass")
-        _deliver(asm, branch.ifindex, pop=True)
-        asm.label(f"tagged{i}")
+        _deliver(asm, branch.ifindex)
+        asm.label(f"next{i}")
     asm.label("pass")
     asm.op(_MOV64_K, _R0, imm=TC_ACT_OK)
     asm.op(_EXIT)
@@ -186,7 +166,7 @@ def demux(branches: Sequence[Branch]) -> bytes:
 
 def tags(program: bytes) -> frozenset[str]:
     """The tags the kernel may give ``program`` (``tc filter show``'s ``tag``, TCA_BPF_TAG, in
-    hex): the first 8 bytes of its SHA-256 (recent kernels: 6.18 has it) or SHA-1 (older) over the
-    instructions as loaded (these programs hold no map references, which the kernel would
+    hex): the first 8 bytes of its SHA-256 (recent kernels: 6.18 has it) or SHA-1 (older) over
+    the instructions as loaded (these programs hold no map references, which the kernel would
     blank out first)."""
     return frozenset(hashlib.new(h, program).hexdigest()[:16] for h in ("sha256", "sha1"))

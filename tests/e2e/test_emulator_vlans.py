@@ -266,39 +266,3 @@ def test_nothing_of_the_fabric_in_the_machines_namespace(vpc: Vpc) -> None:
 def control(url: str, path: str) -> Any:
     with urllib.request.urlopen(f"{url}{path}", timeout=10) as reply:
         return json.loads(reply.read())
-
-
-async def test_untagged_branches_by_mac_for_nodes_that_cannot_tag() -> None:
-    """``branch_frames="mac"``: a branch's frames cross the trunk's cable untagged, told apart
-    by the branch's MAC (a macvlan on the node), still judged by the branch's groups."""
-    with Vpc.start(branch_frames="mac") as vpc:
-        subnet = vpc.add_subnet("10.0.1.0/24")
-        async with ec2_client(vpc) as ec2:
-            groups = {n: await new_group(ec2, vpc, n) for n in ("trunk", "a", "db")}
-            await ec2.authorize_security_group_ingress(**allow(groups["db"], 5432, groups["a"]))
-            node = vpc.add_node("m5.large", subnet)
-            trunk = await new_eni(ec2, subnet.id, groups["trunk"], InterfaceType="trunk")
-            await ec2.attach_network_interface(
-                NetworkInterfaceId=trunk.id, InstanceId=node.instance_id, DeviceIndex=1
-            )
-            a = await new_eni(ec2, subnet.id, groups["a"])
-            await ec2.associate_trunk_interface(
-                BranchInterfaceId=a.id, TrunkInterfaceId=trunk.id, VlanId=10
-            )
-        node.run("ip", "link", "set", "eth1", "up")
-        node.run(
-            "ip", "link", "add", "link", "eth1", "name", "vlan.eth.10", "address", a.mac,
-            "type", "macvlan", "mode", "bridge",
-        )  # fmt: skip
-        node.run("ip", "link", "set", "vlan.eth.10", "up")
-        gateway = str(subnet.gateway)
-        route_from(node, a.ip, "vlan.eth.10", 110, gateway)
-        route_from(node, trunk.ip, "eth1", 101, gateway)
-        db = vpc.add_instance(subnet, security_groups=[groups["db"]])
-        db.serve(5432)
-        seen = node.call(lambda: connects(db.primary_ip, 5432, a.ip, ALLOWED_DEADLINE))
-        assert seen is not None and seen.startswith(a.ip + ":")
-        before = vpc.drops(db.eni_id).inbound
-        assert node.call(lambda: connects(db.primary_ip, 5432, trunk.ip, DENIED_WAIT)) is None
-        assert vpc.drops(db.eni_id).inbound > before
-        assert node.call(lambda: vlan_of_next_frame("eth1", udp_probe(a.ip, db.primary_ip))) is None

@@ -166,3 +166,13 @@ def test_support_is_probed_without_making_anything(bed: Bed) -> None:
     assert found.vlan_devices == (made.returncode == 0)
     assert found.ebpf == ""  # this machine loads tc programs
     assert found.kind == ("vlan" if found.vlan_devices else "ebpf")
+
+
+def test_a_link_made_for_another_trunk_is_named(bed: Bed) -> None:
+    """A trunk attached again has a new ifindex: links naming the old one are not its."""
+    a = bed.link(bed.node, 5, "eth1", "10.5.0.2/24")
+    other = attrs.evolve(a, parent=a.parent + 1000)
+    with opened_in(bed.node.path) as rtnl:
+        found = links.problems(rtnl, other, bed.index(bed.node, a.name))
+    assert found[0] == f"link vlan.eth.5 not 802.1Q id 5 on ifindex {a.parent + 1000}"
+    assert "802.1Q tagger on vlan.eth.5" in found

@@ -48,6 +48,8 @@ def test_env_lists_and_defaults(tmp_path: Path) -> None:
             "agent.ip_forward",
         ),
         ("not toml [", {}, "--config"),
+        # gone: branch frames are 802.1Q (a VLAN device, or a veth tagged by eBPF)
+        ('[security_groups]\nbranch_link = "macvlan"\n', {}, "security_groups.branch_link"),
     ],
 )
 def test_bad_settings_name_the_setting(

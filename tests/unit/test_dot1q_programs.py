@@ -52,10 +52,10 @@ def run(program: bytes, frame: Frame) -> int:
                 at = reg[src] + off - (2_000_000 - 16)
                 value = int.from_bytes(stack[at : at + size], "little")
             reg[dst] = value
-        elif code in (0x15, 0x55, 0x56, 0x05):
+        elif code in (0x15, 0x55, 0x56):
             left = reg[dst] & (0xFFFFFFFF if code == 0x56 else 0xFFFFFFFFFFFFFFFF)
             right = imm & (0xFFFFFFFF if code == 0x56 else 0xFFFFFFFFFFFFFFFF)
-            taken = code == 0x05 or (left == right) == (code == 0x15)
+            taken = (left == right) == (code == 0x15)
             if taken:
                 pc += off
         elif code == 0x85:
@@ -118,23 +118,11 @@ def test_demux_without_macs_goes_by_vlan_only() -> None:
     assert "load" not in [c[0] for c in frame.calls]
 
 
-def test_untagged_branches_by_mac() -> None:
-    program = demux([Branch(vlan_id=None, ifindex=5, mac="02:aa:bb:cc:dd:01")])
-    mine, other, tagged = Frame(MAC_A), Frame(MAC_B), Frame(MAC_A, 5)
-    for frame in (mine, other, tagged):
-        run(program, frame)
-    assert (redirected_to(mine), redirected_to(other), redirected_to(tagged)) == (5, None, None)
-    assert "pop" not in [c[0] for c in mine.calls]
-
-
 def test_tagger_pushes_and_redirects_out_of_the_parent() -> None:
     frame = Frame(MAC_A)
     assert run(tagger(300, 17), frame) == TC_ACT_REDIRECT
     assert frame.calls[0] == ("push", (frame.calls[0][1][0], socket.htons(0x8100), 300))
     assert frame.calls[1][0] == "redirect" and frame.calls[1][1][:2] == (17, 0)
-    untagged = Frame(MAC_A)
-    run(tagger(None, 17), untagged)
-    assert [c[0] for c in untagged.calls] == ["redirect"]
 
 
 def test_duplicate_vlan_ids_are_refused() -> None:
