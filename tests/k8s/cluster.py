@@ -587,9 +587,9 @@ class Cluster:
         images, etcd, kube = artifacts.images(), artifacts.etcd(), artifacts.kube()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
-            # branch ENIs by MAC: this kernel has no 802.1Q devices for the node side to tag
-            # with (the agents' branch_link is macvlan)
-            vpc = stack.enter_context(Vpc.start(VPC_CIDR, branch_frames="mac"))
+            # trunks carry 802.1Q frames, as on EC2 (the agents tag with eBPF where the kernel
+            # has no VLAN devices)
+            vpc = stack.enter_context(Vpc.start(VPC_CIDR))
             cp = ControlPlane(vpc.add_node(instance_type), kube, etcd)
             stack.callback(cp.close)
             workers: dict[str, Worker] = {}

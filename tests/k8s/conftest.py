@@ -28,8 +28,9 @@ MACHINE_PATHS = (
 PROVIDERS = ("static", "aws")
 # The aws worker gives pods security groups (branch ENIs on its trunk, strict mode) from the
 # SecurityGroupPolicy objects its agent watches; every other pod there is an ordinary pod.
-# This kernel has no 802.1Q: branch links are macvlan, which the emulated VPC tells apart by MAC.
-SG = '[security_groups]\nenabled = true\nbranch_link = "macvlan"\nbranch_cooldown = 2.0\n'
+# Branch links carry 802.1Q, as on EC2 (veths tagged by eBPF where the kernel has no VLAN
+# devices, as here).
+SG = "[security_groups]\nenabled = true\nbranch_cooldown = 2.0\n"
 AGENT_CONFIG = {
     "aws": SG,
     # EKS drop-in: branch ENIs made by (a stand-in for) EKS's resource controller, which the
