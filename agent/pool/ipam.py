@@ -16,6 +16,13 @@ connection or a conntrack entry of the old pod never reaches the new one (Amazon
 IP_COOLDOWN_PERIOD). Free addresses are handed out first-in first-out, so the address that has
 been free longest is reused first. Time is passed in (``now``, a monotonic clock reading) so
 the pool is a pure in-memory structure, tested on a virtual clock.
+
+Groups: every owner belongs to one *group*, and ``assign`` hands out only addresses of the
+group asked for. Group ``""`` is the shared pool, what ordinary pods get and what ``total``,
+``assigned``, ``cooling`` and ``available`` count; security groups for pods in eni mode keep
+each set of groups in a group of its own (its ENIs' addresses), so a pod only ever gets an
+address whose ENI carries its groups. Everything keyed by address (``claim``, ``release``,
+``cool``, the checkpoint's cooling list) works across groups.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from ipaddress import IPv4Address
 import attrs
 
 from agent.cni.spec import PodKey
+from agent.pool.pool_math import SHARED
 
 
 class PoolExhausted(Exception):
@@ -79,6 +87,7 @@ class OwnerCounts:
     total: int
     assigned: int
     cooling: int
+    group: str = ""
 
 
 class IpPool:
@@ -88,31 +97,56 @@ class IpPool:
         self.cooldown = cooldown
         self._owner: dict[IPv4Address, str] = {}
         self._tables: dict[str, int | None] = {}
-        self._free: dict[IPv4Address, None] = {}  # insertion-ordered set: FIFO reuse
+        self._groups: dict[str, str] = {}  # owner -> group ("" = the shared pool)
+        # per group, an insertion-ordered set: FIFO reuse
+        self._free: dict[str, dict[IPv4Address, None]] = {SHARED: {}}
         self._assigned: dict[IPv4Address, PodKey] = {}
         self._cooling: dict[IPv4Address, float] = {}  # ip -> released at; in release order
+        self._released: dict[str, float] = {}  # group -> when it last released an address
 
     def __repr__(self) -> str:
+        free = sum(len(f) for f in self._free.values())
+        groups = f" groups={len(self._free) - 1}" if len(self._free) > 1 else ""
         return (
-            f"<IpPool owners={len(self._tables)} total={len(self._owner)} free={len(self._free)} "
-            f"assigned={len(self._assigned)} cooling={len(self._cooling)}>"
+            f"<IpPool owners={len(self._tables)} total={len(self._owner)} free={free} "
+            f"assigned={len(self._assigned)} cooling={len(self._cooling)}{groups}>"
         )
+
+    def _group_of_ip(self, ip: IPv4Address) -> str | None:
+        owner = self._owner.get(ip)
+        return None if owner is None else self._groups.get(owner, SHARED)
+
+    def _free_of(self, group: str) -> dict[IPv4Address, None]:
+        free = self._free.get(group)
+        if free is None:
+            free = self._free[group] = {}
+        return free
 
     # -- blocks -------------------------------------------------------------------------------
 
-    def add_block(self, owner: str, ips: Iterable[IPv4Address], *, table: int | None = None) -> int:
-        """Add addresses owned by ``owner`` as free; return how many were new.
+    def add_block(
+        self,
+        owner: str,
+        ips: Iterable[IPv4Address],
+        *,
+        table: int | None = None,
+        group: str = SHARED,
+    ) -> int:
+        """Add addresses owned by ``owner`` (of ``group``) as free; return how many were new.
 
         A withdrawn address a pod still holds comes back to ``owner`` as assigned, never free.
+        An owner stays in the group it was first added to while it holds addresses.
         """
         self._tables[owner] = table
+        group = self._groups.setdefault(owner, group)
+        free = self._free_of(group)
         added = 0
         for ip in ips:
             if ip in self._owner:
                 continue
             self._owner[ip] = owner
             if ip not in self._assigned:
-                self._free[ip] = None
+                free[ip] = None
             added += 1
         return added
 
@@ -125,11 +159,16 @@ class IpPool:
         for ip in ips:
             if ip in self._assigned or ip not in self._owner:
                 continue
-            self._free.pop(ip, None)
+            self._discard_free(ip)
             self._cooling.pop(ip, None)
             del self._owner[ip]
             removed.append(ip)
         return removed
+
+    def _discard_free(self, ip: IPv4Address) -> None:
+        group = self._group_of_ip(ip)
+        if group is not None:
+            self._free_of(group).pop(ip, None)
 
     def withdraw(self, ips: Iterable[IPv4Address]) -> tuple[list[IPv4Address], list[IPv4Address]]:
         """Take addresses out of the pool for good; return (removed, still in use).
@@ -144,13 +183,13 @@ class IpPool:
         for ip in ips:
             if ip not in self._owner:
                 continue
-            del self._owner[ip]
             if ip in self._assigned:
                 in_use.append(ip)
             else:
-                self._free.pop(ip, None)
+                self._discard_free(ip)
                 self._cooling.pop(ip, None)
                 removed.append(ip)
+            del self._owner[ip]
         return removed, in_use
 
     def withdrawn_in_use(self) -> dict[IPv4Address, PodKey]:
@@ -161,10 +200,15 @@ class IpPool:
         """Give addresses the pool holds to ``owner`` (their state is unchanged); return how
         many moved."""
         self._tables.setdefault(owner, table)
+        self._groups.setdefault(owner, SHARED)
         moved = 0
         for ip in ips:
             if self._owner.get(ip, owner) != owner:
+                free = ip in self._free_of(self._group_of_ip(ip) or SHARED)
+                self._discard_free(ip)
                 self._owner[ip] = owner
+                if free:
+                    self._free_of(self._groups[owner])[ip] = None
                 moved += 1
         return moved
 
@@ -177,6 +221,7 @@ class IpPool:
         if any(o == owner for o in self._owner.values()):
             return False
         self._tables.pop(owner, None)
+        self._groups.pop(owner, None)
         return True
 
     def addresses(self) -> list[IPv4Address]:
@@ -189,6 +234,18 @@ class IpPool:
     def table_of(self, owner: str) -> int | None:
         return self._tables.get(owner)
 
+    def group_of(self, owner: str) -> str:
+        """The group ``owner`` belongs to (``""``, the shared pool, for an unknown one)."""
+        return self._groups.get(owner, SHARED)
+
+    def groups(self) -> list[str]:
+        """Every group whose owners hold addresses now, the shared pool first."""
+        return [SHARED, *sorted({g for g in self._groups.values() if g != SHARED})]
+
+    def last_release(self, group: str) -> float | None:
+        """When an address of ``group`` was last released (None: not since the start)."""
+        return self._released.get(group)
+
     # -- leases -------------------------------------------------------------------------------
 
     def _thaw(self, now: float) -> None:
@@ -197,19 +254,21 @@ class IpPool:
             if now - released < self.cooldown:
                 break
             del self._cooling[ip]
-            self._free[ip] = None
+            self._free_of(self._group_of_ip(ip) or SHARED)[ip] = None
 
-    def assign(self, key: PodKey, now: float) -> Lease:
-        """Assign the longest-free address to ``key``; raises PoolExhausted when none is free."""
+    def assign(self, key: PodKey, now: float, *, group: str = SHARED) -> Lease:
+        """Assign the longest-free address of ``group`` to ``key``; raises PoolExhausted when
+        none is free."""
         self._thaw(now)
-        if not self._free:
+        free = self._free_of(group)
+        if not free:
             raise PoolExhausted(
-                total=len(self._owner),
-                cooling=len(self._cooling),
-                next_free_in=self.next_free_in(now),
+                total=self._count(group),
+                cooling=sum(1 for ip in self._cooling if self._group_of_ip(ip) == group),
+                next_free_in=self.next_free_in(now, group=group),
             )
-        ip = next(iter(self._free))
-        del self._free[ip]
+        ip = next(iter(free))
+        del free[ip]
         self._assigned[ip] = key
         owner = self._owner[ip]
         return Lease(ip=ip, owner=owner, table=self._tables[owner])
@@ -236,7 +295,7 @@ class IpPool:
         holder = self._assigned.get(ip)
         if holder is not None and holder != key:
             raise AddressTaken(ip, holder)
-        self._free.pop(ip, None)
+        self._discard_free(ip)
         self._cooling.pop(ip, None)
         self._assigned[ip] = key
         return Lease(ip=ip, owner=owner, table=self._tables[owner])
@@ -245,16 +304,20 @@ class IpPool:
         """Start the cooldown of an assigned address; return False if it was not assigned."""
         if self._assigned.pop(ip, None) is None:
             return False
-        if ip in self._owner:
+        group = self._group_of_ip(ip)
+        if group is not None:
             self._cooling[ip] = now
+            self._released[group] = max(now, self._released.get(group, now))
         return True
 
     def cool(self, ip: IPv4Address, released_at: float) -> None:
         """Put a known, unassigned address into cooldown as if released at ``released_at``."""
         if ip in self._owner and ip not in self._assigned:
-            self._free.pop(ip, None)
+            self._discard_free(ip)
             self._cooling.pop(ip, None)
             self._cooling[ip] = released_at
+            group = self._group_of_ip(ip) or SHARED
+            self._released[group] = max(released_at, self._released.get(group, released_at))
             # keep release order: re-sort the (short) cooling list when restoring
             self._cooling = dict(sorted(self._cooling.items(), key=lambda kv: kv[1]))
 
@@ -266,29 +329,42 @@ class IpPool:
     def cooling_items(self) -> list[tuple[IPv4Address, float]]:
         return list(self._cooling.items())
 
-    def next_free_in(self, now: float) -> float | None:
-        """Seconds until the next cooling address becomes free, or None if none is cooling."""
-        if not self._cooling:
+    def next_free_in(self, now: float, *, group: str = SHARED) -> float | None:
+        """Seconds until the next cooling address of ``group`` becomes free, or None if none
+        is cooling."""
+        first = next((t for ip, t in self._cooling.items() if self._group_of_ip(ip) == group), None)
+        if first is None:
             return None
-        first = next(iter(self._cooling.values()))
         return max(0.0, self.cooldown - (now - first))
 
-    def available(self, now: float) -> int:
-        """Addresses that could be assigned right now."""
+    def available(self, now: float, *, group: str = SHARED) -> int:
+        """Addresses of ``group`` that could be assigned right now."""
         self._thaw(now)
-        return len(self._free)
+        return len(self._free.get(group, ()))
+
+    def _count(self, group: str) -> int:
+        if len(self._free) == 1:
+            return len(self._owner)
+        return sum(1 for o in self._owner.values() if self._groups.get(o, SHARED) == group)
 
     @property
     def total(self) -> int:
-        return len(self._owner)
+        """Addresses of the shared pool."""
+        return self._count(SHARED)
 
     @property
     def assigned(self) -> int:
-        return len(self._assigned)
+        """Assigned addresses of the shared pool (withdrawn ones included)."""
+        if len(self._free) == 1:
+            return len(self._assigned)
+        return sum(1 for ip in self._assigned if self._group_of_ip(ip) in (None, SHARED))
 
     @property
     def cooling(self) -> int:
-        return len(self._cooling)
+        """Cooling addresses of the shared pool."""
+        if len(self._free) == 1:
+            return len(self._cooling)
+        return sum(1 for ip in self._cooling if self._group_of_ip(ip) == SHARED)
 
     def owner_counts(self, now: float) -> list[OwnerCounts]:
         """Per-owner totals, assigned and cooling counts (for pool math and agentctl)."""
@@ -302,5 +378,6 @@ class IpPool:
             elif ip in self._cooling:
                 c[2] += 1
         return [
-            OwnerCounts(owner=o, total=t, assigned=a, cooling=c) for o, (t, a, c) in counts.items()
+            OwnerCounts(owner=o, total=t, assigned=a, cooling=c, group=self.group_of(o))
+            for o, (t, a, c) in counts.items()
         ]

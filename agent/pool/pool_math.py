@@ -36,6 +36,19 @@ happen at most once per ``release_interval``; ENI frees are gated by age only.
 Every shrink is checked with the same shortfall function that triggers growth, so a shrink
 never leaves a pool that the next decision wants to grow again (no flapping), and a pool
 exactly at target plans nothing.
+
+Sets of security groups (eni mode)
+----------------------------------
+With security groups for pods in eni mode, pods asking for the same set of groups share
+secondary ENIs created with exactly that set; each set is a pool of its own, planned by the
+same ``plan`` under the WARM_IP policy: a set in use keeps ``warm_ips`` free addresses plus one
+for every ADD waiting for it (so the next pod of the set starts with no EC2 call); a set no
+longer in use has targets of 0, so its free addresses go and its ENIs are freed once they hold
+no assigned or cooling address and are ``min_eni_age`` old. ``plan_node`` plans the shared
+pool and every set together over the instance's ENI slots: the shared pool first (the set ENIs
+take slots it cannot use), then the sets, which may take a free slot only while the shared pool
+keeps its primary ENI plus ``reserve_enis`` slots (used or not), so ordinary pods never starve.
+A set whose ADDs wait while it can get no address is *refused*, with the limit in words.
 """
 
 from __future__ import annotations
@@ -123,6 +136,8 @@ class PoolTargets:
     warm_prefix: int = 1
     max_eni: int | None = None
     prefix_mode: bool = False
+    # The WARM_IP policy even with both IP targets at 0 (a set of eni mode: 0 drains it).
+    warm_ip_policy: bool = False
 
     def __attrs_post_init__(self) -> None:
         for setting, value in (
@@ -147,7 +162,7 @@ class PoolTargets:
     @property
     def policy(self) -> Policy:
         """The target that governs the pool."""
-        if self.warm_ip > 0 or self.minimum_ip > 0:
+        if self.warm_ip_policy or self.warm_ip > 0 or self.minimum_ip > 0:
             return Policy.WARM_IP
         if self.prefix_mode:
             return Policy.WARM_PREFIX
@@ -568,6 +583,169 @@ def _shrink(
     if targets.prefix_mode:
         return PoolPlan(prefixes_to_release=released, eni_to_free=eni_id, reason=reason)
     return PoolPlan(ips_to_release=released, eni_to_free=eni_id, reason=reason)
+
+
+# --- sets of security groups (eni mode) ------------------------------------------------------
+
+SHARED = ""
+"""The shared pool's key among a ``NodePlan``'s steps (and the IpPool group of its addresses)."""
+
+_SETTING_RESERVE = "security_groups.shared_reserve"
+_SETTING_WARM = "security_groups.set_warm_ips"
+
+
+@attrs.frozen(kw_only=True)
+class SetTargets:
+    """eni mode's knobs: the free addresses each set in use keeps, and the ENI slots besides the
+    primary that sets never take from the shared pool (used by it or not).
+
+    Raises PoolConfigError, naming the setting, when a value is negative.
+    """
+
+    warm_ips: int = 1
+    reserve_enis: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        if self.warm_ips < 0:
+            raise PoolConfigError(_SETTING_WARM, self.warm_ips, "must be >= 0")
+        if self.reserve_enis < 0:
+            raise PoolConfigError(_SETTING_RESERVE, self.reserve_enis, "must be >= 0")
+
+
+@attrs.frozen(kw_only=True)
+class SetState:
+    """One set of security groups as the planner sees it: its ENIs (secondary-IP mode), the
+    ADDs waiting for one of its addresses now, whether it is in use (it has pods or waiting
+    ADDs, or its last pod left less than the set cooldown ago) and when it last released
+    addresses (None: never)."""
+
+    key: str
+    enis: tuple[EniState, ...] = ()
+    waiting: int = 0
+    in_use: bool = True
+    last_release: float | None = None
+
+    def targets(self, set_targets: SetTargets) -> PoolTargets:
+        """The set's pool targets: its margin plus its waiting ADDs while in use, else 0."""
+        warm = set_targets.warm_ips + self.waiting if self.in_use else 0
+        return PoolTargets(warm_ip=warm, warm_ip_policy=True)
+
+
+@attrs.frozen(kw_only=True)
+class NodePlan:
+    """One decision for the whole node. ``steps`` are (key, plan) in the order to carry them
+    out: sets with waiting ADDs first, then the shared pool (key ``SHARED``), then the other
+    sets. ``refused`` maps each set whose waiting ADDs cannot all get an address, even once
+    this plan is done, to the limit that stops it, in words."""
+
+    steps: tuple[tuple[str, PoolPlan], ...]
+    refused: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def shared(self) -> PoolPlan:
+        return next(p for k, p in self.steps if k == SHARED)
+
+    def for_set(self, key: str) -> PoolPlan | None:
+        return next((p for k, p in self.steps if k == key and k != SHARED), None)
+
+    @property
+    def reason(self) -> str:
+        """The shared pool's reason, then each set's that plans something or is refused."""
+        parts = [self.shared.reason]
+        for key, p in self.steps:
+            if key == SHARED:
+                continue
+            if key in self.refused:
+                parts.append(f"set {key}: refused: {self.refused[key]}")
+            elif not p.is_noop:
+                parts.append(f"set {key}: {p.reason}")
+        return "; ".join(parts)
+
+
+def plan_node(
+    shared: Sequence[EniState],
+    sets: Sequence[SetState],
+    targets: PoolTargets,
+    limits: InstanceLimits,
+    now: float,
+    *,
+    set_targets: SetTargets = SetTargets(),
+    min_eni_age: float = DEFAULT_MIN_ENI_AGE,
+    last_release: float | None = None,
+    release_interval: float = DEFAULT_RELEASE_INTERVAL,
+    pod_limit: int | None = None,
+) -> NodePlan:
+    """Plan the shared pool (``shared``: every ENI not of a set, no-manage ones included) and
+    every set together over the instance's ENI slots; see the module's theory of operation.
+
+    Raises PoolStateError for an inconsistent snapshot (an ENI listed twice, a set's ENI
+    marked primary or no-manage, a set key empty or repeated).
+    """
+    keys = [s.key for s in sets]
+    if SHARED in keys or len(set(keys)) != len(keys):
+        raise PoolStateError(None, "set keys must be distinct and not empty")
+    set_enis = [e for s in sets for e in s.enis]
+    for e in set_enis:
+        if not e.managed or e.primary or e.no_manage:
+            raise PoolStateError(e.eni_id, "a set's ENI is never the primary or a no-manage ENI")
+    # The sets' ENIs take slots the shared pool cannot use: to it they are no-manage ENIs.
+    taken = [
+        EniState(eni_id=e.eni_id, device_index=e.device_index, no_manage=True) for e in set_enis
+    ]
+    shared_plan = plan(
+        [*shared, *taken],
+        targets,
+        limits,
+        now,
+        min_eni_age=min_eni_age,
+        last_release=last_release,
+        release_interval=release_interval,
+        pod_limit=pod_limit,
+    )
+    cap = limits.max_enis if targets.max_eni is None else min(limits.max_enis, targets.max_eni)
+    no_manage = sum(1 for e in shared if not e.managed)
+    held = sum(1 for e in shared if e.managed) + len(shared_plan.new_eni_ips)
+    held += len(shared_plan.new_eni_prefixes)
+    kept = max(held, 1 + set_targets.reserve_enis)
+    free = max(cap - no_manage - kept - len(set_enis), 0)
+
+    first: list[tuple[str, PoolPlan]] = []
+    after: list[tuple[str, PoolPlan]] = []
+    refused: dict[str, str] = {}
+    for s in sorted(sets, key=lambda s: (s.waiting == 0, s.key)):
+        set_pool = s.targets(set_targets)
+        if s.enis or free > 0:
+            p = plan(
+                s.enis,
+                set_pool,
+                InstanceLimits(max_enis=len(s.enis) + free, ipv4_per_eni=limits.ipv4_per_eni),
+                now,
+                min_eni_age=min_eni_age,
+                last_release=s.last_release,
+                release_interval=release_interval,
+            )
+            free -= len(p.new_eni_ips)
+        else:
+            p = PoolPlan(reason="no ENI yet, and no ENI slot for one")
+        stats = pool_stats(s.enis)
+        added = sum(p.ips_to_add.values()) + sum(p.new_eni_ips)
+        if s.waiting and stats.available + added < s.waiting:
+            slots = (
+                f"{cap} ENI slots: the shared pool holds {held} "
+                f"({_SETTING_RESERVE} = {set_targets.reserve_enis} keeps "
+                f"{1 + set_targets.reserve_enis} for it), sets hold {len(set_enis)}"
+                + (f", {no_manage} no-manage" if no_manage else "")
+            )
+            if s.enis:
+                refused[s.key] = (
+                    f"the set's {len(s.enis)} ENI(s) are full "
+                    f"({stats.total} addresses, {stats.assigned} assigned, "
+                    f"{stats.cooling} cooling) and no ENI slot is left: {slots}"
+                )
+            else:
+                refused[s.key] = f"no ENI slot left for a new set of security groups: {slots}"
+        (first if s.waiting else after).append((s.key, p))
+    return NodePlan(steps=(*first, (SHARED, shared_plan), *after), refused=refused)
 
 
 def _without(stats: PoolStats, eni: EniState) -> PoolStats:
