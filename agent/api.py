@@ -69,13 +69,14 @@ def pod_row(a: Allocation, now: float) -> dict[str, Any]:
         "host_veth": a.host_veth,
         "netns": a.netns,
         "age_s": round(max(0.0, now - a.created_at), 1) if a.created_at else None,
-        # security groups for pods: the pod's branch ENI, or the shared pool
-        "groups": list(a.sg.groups) if a.sg else [],
+        # security groups for pods: the pod's branch ENI, its set's ENI, or the shared pool
+        "groups": list(a.sg.groups) if a.sg else list(a.sg_set.groups) if a.sg_set else [],
         "branch": (
             {"eni": a.sg.branch, "vlan": a.sg.vlan, "mode": a.sg.mode, "source": a.sg.source}
             if a.sg
             else None
         ),
+        "set": {"source": a.sg_set.source} if a.sg_set else None,
     }
 
 
@@ -130,6 +131,10 @@ class AgentApi:
             if self.sg is None:
                 return {"enabled": False, "state": "unavailable", "reason": "not the aws provider"}
             return self.sg.view(list(self.cni.pods()))
+        if method == "agent.sets":
+            if self.sg is None:
+                return {"enabled": False, "state": "unavailable", "reason": "not the aws provider"}
+            return self.sg.sets_view(list(self.cni.pods()))
         if method == "agent.snat":
             return self.snat.status() if self.snat else {"enabled": False}
         if method == "agent.snat.set":

@@ -26,7 +26,7 @@ import orjson
 
 from agent.cni.spec import PodKey
 from agent.sg.branches import BranchRecord
-from agent.sg.records import SgAttachment
+from agent.sg.records import SetMembership, SgAttachment
 
 FORMAT_VERSION = 1
 
@@ -47,6 +47,7 @@ class Allocation:
     pod_name: str = ""
     created_at: float = 0.0  # wall clock, for ages shown to operators
     sg: SgAttachment | None = None  # a pod with its own branch ENI (security groups)
+    sg_set: SetMembership | None = None  # a pod on its set's ENI (security groups, eni mode)
 
     @property
     def key(self) -> PodKey:

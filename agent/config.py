@@ -207,6 +207,13 @@ class SecurityGroupsSection:
     # as aws-node does), "agent" = "agent"; "" = as ``branches`` says.
     branch_source: Literal["", "agent", "eks"] = ""
     trunk_retry: float = 30.0  # how often a missing trunk ENI is looked for again
+    # "branch": a branch ENI per pod on the trunk (above); "eni": pods asking for the same set
+    # of groups share secondary ENIs made with exactly that set (public EC2 calls only; an ADD
+    # waits branch_wait for its set's address). The set_* knobs and shared_reserve are eni's.
+    mode: Literal["branch", "eni"] = "branch"
+    set_warm_ips: int = 1  # free addresses each set in use keeps for its next pod
+    set_cooldown: float = 60.0  # a set whose last pod left keeps its ENI this long (then it goes)
+    shared_reserve: int = 1  # ENI slots besides the primary that sets never take (ordinary pods')
 
 
 @attrs.frozen(kw_only=True)
@@ -501,6 +508,22 @@ def _check_security_groups(cfg: Config) -> None:
         )
     if sg.branch_deadline <= 0:
         raise ConfigError("security_groups.branch_deadline", "must be positive")
+    for name in ("set_warm_ips", "set_cooldown", "shared_reserve"):
+        if getattr(sg, name) < 0:
+            raise ConfigError(f"security_groups.{name}", "must not be negative")
+    if sg.mode == "eni":
+        explicit = "security_groups.enforcing_mode" in cfg.sources
+        if explicit and sg.enforcing_mode == "strict":
+            raise ConfigError(
+                "security_groups.enforcing_mode",
+                "strict is a branch-mode property: in eni mode traffic between pods on one node "
+                "stays on the node (leave it unset, or standard)",
+            )
+        if sg.branches == "controller":
+            raise ConfigError(
+                "security_groups.branches",
+                '"controller" (EKS\'s branch ENIs) needs mode = "branch"',
+            )
 
 
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

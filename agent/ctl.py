@@ -78,6 +78,8 @@ def show_sg_line(sg: dict[str, Any]) -> str:
     """One line on security groups for pods: mode, trunk, branches, or why unavailable."""
     if not sg.get("enabled"):
         return "off"
+    if sg.get("eni_mode"):
+        return show_eni_line(sg)
     head = f"{sg['mode']} mode, branches by {sg['branches']}"
     link = _LINK_WORDS.get(sg.get("link", ""))
     if link and sg["state"] != "unsupported":
@@ -94,7 +96,59 @@ def show_sg_line(sg: dict[str, Any]) -> str:
     )
 
 
+def show_eni_line(sg: dict[str, Any]) -> str:
+    """eni mode: the sets in use, and what strict mode would do that this mode does not."""
+    if sg["state"] != "ready":
+        return f"eni mode; {sg['state'].upper()}: {sg['reason']}"
+    refused = sg.get("refused") or {}
+    return (
+        f"eni mode (an ENI per set of groups); {sg['sets']} sets on {sg['enis']} ENIs: "
+        f"{sg['assigned']} pods, {sg['free']} free"
+        + (f"; {len(refused)} set(s) refused for want of an ENI slot" if refused else "")
+        + f"; {sg['same_node']}"
+    )
+
+
+def show_sets(v: dict[str, Any]) -> str:
+    """eni mode's sets: per set its ENIs, addresses total/assigned/free, pods."""
+    head = f"security groups for pods: {show_sg_line(v)}"
+    if not v.get("eni_mode"):
+        return head + '\n(sets are eni mode\'s: security_groups.mode = "eni")'
+    head += (
+        f"\nmargin {v['warm_ips']} free per set, set cooldown {v['set_cooldown_s']:g}s, "
+        f"shared_reserve {v['shared_reserve']} ENI slot(s) beside the primary"
+    )
+    rows = [
+        (
+            ",".join(r["groups"]),
+            " ".join(e["eni"] for e in r["enis"]) or "-",
+            r["total"],
+            r["assigned"],
+            r["cooling"],
+            r["free"],
+            ", ".join(r["pods"]) or "-",
+            r["waiting"] or "",
+            r["refused"],
+        )
+        for r in v["rows"]
+    ]
+    headers = (
+        "groups",
+        "eni",
+        "total",
+        "assigned",
+        "cooling",
+        "free",
+        "pods",
+        "waiting",
+        "refused",
+    )
+    return head + "\n" + table(rows, headers)
+
+
 def _pod_groups(p: dict[str, Any]) -> str:
+    if p.get("set"):
+        return f"{','.join(p.get('groups') or [])} (eni)"
     b = p.get("branch")
     if not b:
         return "shared pool"
@@ -343,6 +397,7 @@ COMMANDS: dict[str, tuple[str, Any, Any]] = {
     "pool": ("agent.pool", lambda a: None, show_pool),
     "enis": ("agent.enis", lambda a: None, show_enis),
     "branches": ("agent.branches", lambda a: None, show_branches),
+    "sets": ("agent.sets", lambda a: None, show_sets),
     "gc": ("agent.gc", lambda a: {"dry_run": a.dry_run}, show_gc),
     "config": ("agent.config", lambda a: None, show_config),
     "events": ("agent.events", lambda a: {"follow": a.follow, "replay": True}, show_events),
@@ -372,6 +427,11 @@ def parser() -> argparse.ArgumentParser:
         "branches",
         parents=[common],
         help="security groups for pods: the trunk ENI and its branch ENIs",
+    )
+    sub.add_parser(
+        "sets",
+        parents=[common],
+        help="security groups for pods, eni mode: each set's ENIs, addresses and pods",
     )
     g = sub.add_parser("gc", parents=[common], help="collect leaked pods, veths and rules now")
     g.add_argument("--dry-run", action="store_true", help="only show what would be collected")

@@ -149,6 +149,7 @@ async def _restore_until_reachable(
         attempt = AsyncExitStack()
         try:
             provider = await open_provider(cfg, attempt, watcher, metrics, kube)
+            pool = IpPool(cooldown=cfg.ipam.cooldown)
             sg = None
             if provider.name == "aws":
                 from agent.sg.aws import sg_service
@@ -161,9 +162,10 @@ async def _restore_until_reachable(
                     events=events,
                     metrics=sg_metrics,
                     kube=kube,
+                    pool=pool,
                 )
             cni = CniService(
-                pool=IpPool(cooldown=cfg.ipam.cooldown),
+                pool=pool,
                 datapath=datapath,
                 provider=provider,
                 checkpoint_path=cfg.state_path,
@@ -260,6 +262,9 @@ async def _start_aws_services(
         return event
 
     aws = cfg.aws
+    sets = sg.sets if sg is not None else None
+    if sets is not None:  # an ADD of a set with no free address wakes the refiller
+        sets.wake = lambda: cni.demand.set()  # the current event: take_demand replaces it
     pool_refiller = await tg.start(
         health.run,
         "refiller",
@@ -276,11 +281,26 @@ async def _start_aws_services(
             exhaustion_pause=aws.exhaustion_pause,
             reconcile_interval=aws.reconcile_interval,
             pod_limit=max_pods(limits, prefix_mode=targets.prefix_mode, max_eni=targets.max_eni),
+            **_set_settings(cfg, sets),
         ).run,
     )
     if aws.leak_cleanup:
         await tg.start(health.run, "eni-leak-cleanup", provider.serve_leak_cleanup)
     return pool_refiller
+
+
+def _set_settings(cfg: Config, sets: Any) -> dict[str, Any]:
+    """The refiller's settings for eni mode's sets of security groups (none: they drain)."""
+    if sets is None:
+        return {}
+    from agent.pool.pool_math import SetTargets
+
+    sg = cfg.security_groups
+    return {
+        "sets": sets,
+        "set_targets": SetTargets(warm_ips=sg.set_warm_ips, reserve_enis=sg.shared_reserve),
+        "set_cooldown": sg.set_cooldown,
+    }
 
 
 async def run(

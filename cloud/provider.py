@@ -7,7 +7,7 @@ Providers that can grow the pool (aws) also take demand signals from the agent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
@@ -19,6 +19,19 @@ class AddressBlock:
     owner: str
     ips: tuple[IPv4Address, ...]
     table: int | None = None
+    # "" for the shared pool; an ENI made for a set of security groups: the set's key
+    group: str = ""
+
+
+def group_key(groups: Iterable[str]) -> str:
+    """The key of a set of security groups: its ids, sorted, comma-joined. It names the set's
+    addresses in the pool and is the value of the tag on the ENIs made with exactly that set."""
+    return ",".join(sorted(set(groups)))
+
+
+def groups_of_key(key: str) -> tuple[str, ...]:
+    """The security groups of a set's key (``group_key``'s inverse)."""
+    return tuple(g for g in key.split(",") if g)
 
 
 @attrs.frozen(kw_only=True)

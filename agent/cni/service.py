@@ -49,7 +49,7 @@ from agent.cni.spec import (
 from agent.events import EventBus
 from agent.pool.ipam import AddressTaken, AddressUnknown, IpPool, Lease, PoolExhausted
 from agent.sg.branches import BranchRecord
-from agent.sg.records import SgAttachment
+from agent.sg.records import SetMembership, SgAttachment
 from agent.trace import mark
 from cloud.provider import Provider
 from netlink.errors import LinkExists, NetlinkError, NetnsNotFound, NotANetns
@@ -63,9 +63,10 @@ log = logging.getLogger("podwire.cni")
 
 class SgHook(Protocol):
     """Security groups for pods as the CNI service sees them (``agent.sg.service.SgService``):
-    a pod with groups gets its address from its branch ENI, not from the pool."""
+    a pod with groups gets its address from its branch ENI (not from the pool), or in eni mode
+    from its set's group of the pool (then it is wired like any pod of a secondary ENI)."""
 
-    async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment] | None: ...
+    async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment | SetMembership] | None: ...
     def release(self, alloc: Allocation) -> None: ...
     def branch_link(self, alloc: Allocation) -> BranchLink | None: ...
     def records(self) -> list[BranchRecord]: ...
@@ -170,7 +171,7 @@ class CniService:
         Returns the allocations dropped, each with the reason. Writes the checkpoint.
         """
         for block in await self.provider.inventory():
-            self.pool.add_block(block.owner, block.ips, table=block.table)
+            self.pool.add_block(block.owner, block.ips, table=block.table, group=block.group)
         now, wall = self.clock(), time.time()
         for c in snap.cooling:
             self.pool.cool(c.ip, now - max(0.0, wall - c.released_at))
@@ -238,13 +239,15 @@ class CniService:
             old = self.allocations.get(key)
             want = req.requested_ip
             sg: SgAttachment | None = None
-            got: tuple[Lease, SgAttachment] | None = None
+            member: SetMembership | None = None
+            got: tuple[Lease, SgAttachment | SetMembership] | None = None
             if old is not None:
                 # The runtime retries an ADD it got no answer to: start over with the same IP
                 # (unless it now asks for another).
                 await self._teardown(old, keep_record=True)
-                if want is None or want == old.ip or old.sg is not None:
+                if want in (None, old.ip) or old.sg is not None or old.sg_set is not None:
                     lease, sg = Lease(ip=old.ip, owner=old.owner, table=old.table), old.sg
+                    member = old.sg_set
                 else:
                     del self.allocations[key]
                     self.pool.release(old.ip, self.clock())
@@ -255,8 +258,9 @@ class CniService:
                             await self.checkpoint.commit()
                         raise
             elif self.sg is not None and (got := await self.sg.lease(req)) is not None:
-                # security groups for pods: the address is the pod's branch ENI's
-                lease, sg = got
+                # security groups for pods: the address is the pod's branch ENI's, or its set's
+                lease, att = got
+                sg, member = (att, None) if isinstance(att, SgAttachment) else (None, att)
                 if want is not None and want != lease.ip:
                     raise CniError(
                         INVALID_CONFIG,
@@ -283,6 +287,7 @@ class CniService:
                 pod_name=req.pod_name,
                 created_at=old.created_at if old else time.time(),
                 sg=sg,
+                sg_set=member,
             )
             self.allocations[key] = alloc
             wired: WiredPod | None = None
@@ -321,6 +326,8 @@ class CniService:
             **(
                 {"groups": ",".join(sg.groups) or sg.source, "vlan": sg.vlan, "mode": sg.mode}
                 if sg is not None
+                else {"groups": ",".join(member.groups)}
+                if member is not None
                 else {}
             ),
         )

@@ -43,11 +43,12 @@ With security groups for pods in eni mode, pods asking for the same set of group
 secondary ENIs created with exactly that set; each set is a pool of its own, planned by the
 same ``plan`` under the WARM_IP policy: a set in use keeps ``warm_ips`` free addresses plus one
 for every ADD waiting for it (so the next pod of the set starts with no EC2 call); a set no
-longer in use has targets of 0, so its free addresses go and its ENIs are freed once they hold
-no assigned or cooling address and are ``min_eni_age`` old. ``plan_node`` plans the shared
-pool and every set together over the instance's ENI slots: the shared pool first (the set ENIs
-take slots it cannot use), then the sets, which may take a free slot only while the shared pool
-keeps its primary ENI plus ``reserve_enis`` slots (used or not), so ordinary pods never starve.
+longer in use has targets of 0, so its ENIs are freed once they hold no cooling address and are
+``min_eni_age`` old (their addresses go with them, never released one by one first).
+``plan_node`` plans the shared pool and every set together over the instance's ENI slots: the
+shared pool first (the set ENIs take slots it cannot use), then the sets, which may take a free
+slot only while the shared pool keeps its primary ENI plus ``reserve_enis`` slots (used or
+not), so ordinary pods never starve.
 A set whose ADDs wait while it can get no address is *refused*, with the limit in words.
 """
 
@@ -461,22 +462,25 @@ def plan(
     )
 
 
-def _check_snapshot(enis: Sequence[EniState], targets: PoolTargets) -> None:
+def _check_ids(enis: Sequence[EniState]) -> None:
     seen: set[str] = set()
-    primaries = 0
     for e in enis:
         if e.eni_id in seen:
             raise PoolStateError(e.eni_id, "listed twice")
         seen.add(e.eni_id)
-        primaries += e.primary
+    if sum(e.primary for e in enis) > 1:
+        raise PoolStateError(None, "more than one primary ENI")
+
+
+def _check_snapshot(enis: Sequence[EniState], targets: PoolTargets) -> None:
+    _check_ids(enis)
+    for e in enis:
         if not e.managed:
             continue
         if targets.prefix_mode and e.total_ips != e.prefixes * IPS_PER_PREFIX:
             raise PoolStateError(e.eni_id, "prefix mode: total_ips must be 16 x prefixes")
         if not targets.prefix_mode and e.prefixes:
             raise PoolStateError(e.eni_id, "secondary-IP mode: prefixes must be released first")
-    if primaries > 1:
-        raise PoolStateError(None, "more than one primary ENI")
 
 
 def _grow(
@@ -674,9 +678,12 @@ def plan_node(
     last_release: float | None = None,
     release_interval: float = DEFAULT_RELEASE_INTERVAL,
     pod_limit: int | None = None,
+    shared_plan: PoolPlan | None = None,
 ) -> NodePlan:
     """Plan the shared pool (``shared``: every ENI not of a set, no-manage ones included) and
     every set together over the instance's ENI slots; see the module's theory of operation.
+    ``shared_plan`` is the shared pool's decision when the caller made it another way (a
+    mixed prefix-mode pool); it must count the sets' ENIs as taken slots.
 
     Raises PoolStateError for an inconsistent snapshot (an ENI listed twice, a set's ENI
     marked primary or no-manage, a set key empty or repeated).
@@ -692,16 +699,19 @@ def plan_node(
     taken = [
         EniState(eni_id=e.eni_id, device_index=e.device_index, no_manage=True) for e in set_enis
     ]
-    shared_plan = plan(
-        [*shared, *taken],
-        targets,
-        limits,
-        now,
-        min_eni_age=min_eni_age,
-        last_release=last_release,
-        release_interval=release_interval,
-        pod_limit=pod_limit,
-    )
+    if shared_plan is None:
+        shared_plan = plan(
+            [*shared, *taken],
+            targets,
+            limits,
+            now,
+            min_eni_age=min_eni_age,
+            last_release=last_release,
+            release_interval=release_interval,
+            pod_limit=pod_limit,
+        )
+    else:  # a mixed pool's plan: ids must still be unique (its units are checked by its planner)
+        _check_ids([*shared, *taken])
     cap = limits.max_enis if targets.max_eni is None else min(limits.max_enis, targets.max_eni)
     no_manage = sum(1 for e in shared if not e.managed)
     held = sum(1 for e in shared if e.managed) + len(shared_plan.new_eni_ips)
@@ -725,6 +735,14 @@ def plan_node(
                 release_interval=release_interval,
             )
             free -= len(p.new_eni_ips)
+            if not s.in_use and p.ips_to_release:
+                # Nothing is assigned: every ENI of the set goes once cooled and old enough,
+                # and its addresses with it; releasing them one by one first is wasted calls.
+                p = attrs.evolve(
+                    p,
+                    ips_to_release={},
+                    reason=f"{p.reason}; not in use: kept until its ENIs can be freed",
+                )
         else:
             p = PoolPlan(reason="no ENI yet, and no ENI slot for one")
         stats = pool_stats(s.enis)

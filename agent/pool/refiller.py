@@ -14,6 +14,14 @@ prefixes) -- asks ``pool_math.plan`` what to do, and does it:
   no answer -- re-reads the ENI and puts back only what it still holds); at most one ENI is
   freed per tick, and only one first seen at least ``min_eni_age`` ago.
 
+Security groups for pods in eni mode: ENIs made for a set of groups (``EniView.group``) hold
+that set's addresses (a pool group of its own). Each tick plans the shared pool and every set
+together (``pool_math.plan_node``): sets with ADDs waiting (``SetDemand.waiting``) are served
+first, then the shared pool, then the other sets' margins and shrinks; a set's new ENI is made
+with exactly its groups. A set is in use while it has pods or waiting ADDs, or released an
+address less than ``set_cooldown`` ago; after each tick ``SetDemand.planned`` learns which sets
+cannot grow (a limit, in words) and which failed (the cloud's error).
+
 Subnet exhaustion (SubnetExhausted) stops growth for ``exhaustion_pause`` seconds. In prefix
 mode, running out of aligned /28s (or of addresses) first falls back to single secondary IPs
 for that long (VPC CNI has no such fallback; Cilium does), and only if those fail too does
@@ -42,18 +50,22 @@ from anyio.abc import TaskStatus
 from agent.pool.ipam import IpPool
 from agent.pool.pool_math import (
     IPS_PER_PREFIX,
+    SHARED,
     EniState,
     InstanceLimits,
+    NodePlan,
     Policy,
     PoolPlan,
     PoolStats,
     PoolTargets,
-    plan,
+    SetState,
+    SetTargets,
+    plan_node,
     pool_stats,
     shortfall,
 )
 from cloud.errors import CloudError, CloudUnavailable, LimitExceeded, NotFound, SubnetExhausted
-from cloud.provider import AddressBlock
+from cloud.provider import AddressBlock, groups_of_key
 
 log = logging.getLogger("podwire.refiller")
 
@@ -77,6 +89,24 @@ class EniView(Protocol):
     def prefixes(self) -> tuple[IPv4Network, ...]: ...
     @property
     def pool_ips(self) -> tuple[IPv4Address, ...]: ...
+    @property
+    def group(self) -> str: ...
+
+
+class SetDemand(Protocol):
+    """What the refiller needs of eni mode's sets of security groups (``agent.sg.sets``)."""
+
+    def waiting(self) -> Mapping[str, int]:
+        """ADDs waiting for an address now, by set key."""
+        ...
+
+    def notify(self) -> None:
+        """Addresses of a set joined the pool."""
+        ...
+
+    def planned(self, refused: Mapping[str, str], failed: Mapping[str, CloudError]) -> None:
+        """A tick is done: the sets that cannot grow (why) and whose growth failed (how)."""
+        ...
 
 
 class PoolCloud(Protocol):
@@ -85,7 +115,9 @@ class PoolCloud(Protocol):
     def enis(self) -> Sequence[EniView]: ...
     async def assign_ips(self, eni_id: str, count: int) -> AddressBlock: ...
     async def assign_prefixes(self, eni_id: str, count: int) -> AddressBlock: ...
-    async def create_eni(self, *, ip_count: int = 0, prefix_count: int = 0) -> AddressBlock: ...
+    async def create_eni(
+        self, *, ip_count: int = 0, prefix_count: int = 0, pod_groups: Sequence[str] = ()
+    ) -> AddressBlock: ...
     async def release_ips(self, eni_id: str, ips: Sequence[IPv4Address]) -> None: ...
     async def release_prefixes(self, eni_id: str, prefixes: Sequence[IPv4Network]) -> None: ...
     async def free_eni(self, eni_id: str) -> None: ...
@@ -113,6 +145,7 @@ class RefillerStatus:
     growth_paused_until: float | None
     fallback: Fallback | None
     mixed: bool
+    refused: Mapping[str, str] = attrs.field(factory=dict)  # sets that cannot grow: why
 
 
 # --- the mixed-mode planner (pure) ----------------------------------------------------------
@@ -228,6 +261,9 @@ class Refiller:
         pod_limit: int | None = None,
         reconcile_interval: float | None = None,
         clock: Callable[[], float] = anyio.current_time,
+        sets: SetDemand | None = None,
+        set_targets: SetTargets | None = None,
+        set_cooldown: float = 60.0,
     ) -> None:
         self.reconcile_interval = reconcile_interval
         self._reconciled_at: float | None = None
@@ -250,6 +286,12 @@ class Refiller:
         self.last_release: float | None = None
         self.growth_paused_until: float | None = None
         self.fallback: Fallback | None = None
+        self.sets = sets
+        # Without a SetDemand (eni mode off), ENIs of sets left by an earlier run drain.
+        self.set_targets = set_targets or SetTargets(warm_ips=0, reserve_enis=0)
+        self.set_cooldown = set_cooldown
+        self.refused: Mapping[str, str] = {}
+        self._set_released: dict[str, float] = {}
         self._first_seen: dict[str, float] = {}
         self._consumed: anyio.Event | None = None
 
@@ -268,6 +310,7 @@ class Refiller:
             growth_paused_until=self.growth_paused_until,
             fallback=self.fallback,
             mixed=self._mixed(self.provider.enis()),
+            refused=dict(self.refused),
         )
 
     # -- loop -----------------------------------------------------------------------------
@@ -289,6 +332,9 @@ class Refiller:
                 await anyio.sleep_forever()
             await event.wait()
             self._consumed = event
+            # Ask again at once: the getter puts a fresh event in place of the one set, so a
+            # demand made during the coming tick wakes the next one instead of being lost.
+            self.demand()
 
     async def tick(self) -> None:
         """Plan once and carry the plan out; failures are logged and left to the next tick."""
@@ -308,7 +354,9 @@ class Refiller:
     # -- snapshot and plan ------------------------------------------------------------------
 
     def _mixed(self, enis: Sequence[EniView]) -> bool:
-        return self.targets.prefix_mode and any(e.ips for e in enis if not e.no_manage)
+        return self.targets.prefix_mode and any(
+            e.ips for e in enis if not e.no_manage and not e.group
+        )
 
     def _busy(self, ip: IPv4Address, cooling: set[IPv4Address]) -> bool:
         return self.pool.holder(ip) is not None or ip in cooling
@@ -374,19 +422,54 @@ class Refiller:
         added = 0
         for e in enis:
             if not e.no_manage:
-                added += self.pool.add_block(e.eni_id, e.pool_ips, table=e.table)
+                added += self.pool.add_block(e.eni_id, e.pool_ips, table=e.table, group=e.group)
         if added:
             self.cni_notify()
+            if self.sets is not None:
+                self.sets.notify()
 
-    def _plan(self, enis: Sequence[EniView], now: float) -> PoolPlan:
+    def _in_use(self, key: str, waiting: int, assigned: int, now: float) -> bool:
+        released = self.pool.last_release(key)
+        recent = released is not None and now - released < self.set_cooldown
+        return waiting > 0 or assigned > 0 or recent
+
+    def _plan(self, enis: Sequence[EniView], now: float) -> NodePlan:
         states = self._snapshot(enis, now)
+        shared = [st for st, e in zip(states, enis, strict=True) if not e.group]
+        by_set: dict[str, list[EniState]] = {}
+        for st, e in zip(states, enis, strict=True):
+            if e.group:
+                by_set.setdefault(e.group, []).append(st)
+        waiting = dict(self.sets.waiting()) if self.sets is not None else {}
+        sets = [
+            SetState(
+                key=key,
+                enis=tuple(by_set.get(key, ())),
+                waiting=waiting.get(key, 0),
+                in_use=self._in_use(
+                    key,
+                    waiting.get(key, 0),
+                    sum(st.assigned_ips for st in by_set.get(key, ())),
+                    now,
+                ),
+                last_release=self._set_released.get(key),
+            )
+            for key in sorted(set(by_set) | {k for k, n in waiting.items() if n > 0})
+        ]
+        shared_plan = None
         singles = self.fallback is not None
         if self.targets.prefix_mode and (singles or self._mixed(enis)):
             cooling = {ip for ip, _ in self.pool.cooling_items()}
-            return plan_mixed(
-                states,
-                {e.eni_id: len(e.ips) + len(e.prefixes) for e in enis},
-                {e.eni_id: sum(not self._busy(ip, cooling) for ip in e.ips) for e in enis},
+            taken = [
+                EniState(eni_id=st.eni_id, device_index=st.device_index, no_manage=True)
+                for group in by_set.values()
+                for st in group
+            ]
+            mine = [e for e in enis if not e.group]
+            shared_plan = plan_mixed(
+                [*shared, *taken],
+                {e.eni_id: len(e.ips) + len(e.prefixes) for e in mine},
+                {e.eni_id: sum(not self._busy(ip, cooling) for ip in e.ips) for e in mine},
                 self.targets,
                 self.limits,
                 singles=singles,
@@ -395,15 +478,18 @@ class Refiller:
                 release_interval=self.release_interval,
                 pod_limit=self.pod_limit,
             )
-        return plan(
-            states,
+        return plan_node(
+            shared,
+            sets,
             self.targets,
             self.limits,
             now,
+            set_targets=self.set_targets,
             min_eni_age=self.min_eni_age,
             last_release=self.last_release,
             release_interval=self.release_interval,
             pod_limit=self.pod_limit,
+            shared_plan=shared_plan,
         )
 
     async def _tick(self) -> None:
@@ -424,55 +510,75 @@ class Refiller:
         self._sync_pool(enis)
         decision = self._plan(enis, now)
         self.last_plan = decision.reason
-        if decision.grows:
+        refused = dict(decision.refused)
+        failed: dict[str, CloudError] = {}
+        for key, step in decision.steps:
+            if not step.grows:
+                continue
             if self.growth_paused_until is not None:
-                self.last_plan += f" (growth paused for {self.growth_paused_until - now:.0f}s)"
-                return
-            retry = await self._grow(decision)
+                paused = f"growth paused for {self.growth_paused_until - self.clock():.0f}s"
+                if key == SHARED:
+                    self.last_plan += f" ({paused})"
+                else:
+                    refused.setdefault(key, f"ENI {paused} ({self.last_error})")
+                continue
+            retry, error = await self._grow(step, key)
+            if error is not None and key != SHARED:
+                failed[key] = error
             if retry:  # prefixes ran out: the /32 fallback gets its turn at once
-                decision = self._plan(self.provider.enis(), self.clock())
-                self.last_plan = decision.reason
-                if decision.grows:
-                    await self._grow(decision)
-        if decision.shrinks:
-            await self._shrink(decision)
+                again = self._plan(self.provider.enis(), self.clock()).shared
+                self.last_plan = again.reason
+                if again.grows:
+                    await self._grow(again, SHARED)
+        for key, step in decision.steps:
+            if step.shrinks:
+                await self._shrink(step, key)
+        self.refused = refused
+        if self.sets is not None:
+            self.sets.planned(refused, failed)
 
     # -- growth -----------------------------------------------------------------------------
 
-    async def _grow(self, p: PoolPlan) -> bool:
-        """Carry out the growth of ``p``; return True when prefix growth fell back to /32s."""
+    async def _grow(self, p: PoolPlan, key: str) -> tuple[bool, CloudError | None]:
+        """Carry out the growth of ``p`` for the shared pool or the set ``key``; return whether
+        prefix growth fell back to /32s, and the cloud's error that stopped it (None: done)."""
         cloud = self.provider
         steps: list[tuple[str | None, bool, Callable[[], Awaitable[AddressBlock]]]] = []
+        create = cloud.create_eni
+        if key != SHARED:  # a set's ENI is made with exactly its groups
+            create = functools.partial(cloud.create_eni, pod_groups=groups_of_key(key))
         for eni_id, n in p.ips_to_add.items():
             steps.append((eni_id, False, functools.partial(cloud.assign_ips, eni_id, n)))
         for eni_id, n in p.prefixes_to_add.items():
             steps.append((eni_id, True, functools.partial(cloud.assign_prefixes, eni_id, n)))
         for n in p.new_eni_ips:
-            steps.append((None, False, functools.partial(cloud.create_eni, ip_count=n)))
+            steps.append((None, False, functools.partial(create, ip_count=n)))
         for n in p.new_eni_prefixes:
-            steps.append((None, True, functools.partial(cloud.create_eni, prefix_count=n)))
+            steps.append((None, True, functools.partial(create, prefix_count=n)))
         for target, prefixes, call in steps:
             try:
                 block = await call()
             except SubnetExhausted as e:
-                return self._exhausted(e, prefixes)
+                return self._exhausted(e, prefixes), e
             except LimitExceeded as e:
                 if e.what == "PrivateIpAddressLimitExceeded" and target is not None:
                     await self._resync(target)
                 else:
                     self._error(e)
-                return False
+                return False, e
             except CloudError as e:
                 self._error(e)
-                return False
+                return False, e
             if block.owner not in self._first_seen:
                 self._first_seen[block.owner] = self.clock()
             self._add(block)
-        return False
+        return False, None
 
     def _add(self, block: AddressBlock) -> None:
-        if self.pool.add_block(block.owner, block.ips, table=block.table):
+        if self.pool.add_block(block.owner, block.ips, table=block.table, group=block.group):
             self.cni_notify()
+            if block.group and self.sets is not None:
+                self.sets.notify()
 
     def _exhausted(self, e: SubnetExhausted, prefixes: bool) -> bool:
         now = self.clock()
@@ -505,7 +611,7 @@ class Refiller:
 
     # -- shrink -----------------------------------------------------------------------------
 
-    async def _shrink(self, p: PoolPlan) -> None:
+    async def _shrink(self, p: PoolPlan, key: str = SHARED) -> None:
         views = {e.eni_id: e for e in self.provider.enis()}
         released = False
         for eni_id, n in p.ips_to_release.items():
@@ -518,8 +624,10 @@ class Refiller:
             if view is None:
                 continue
             released |= await self._release_prefixes(view, n)
-        if released:
+        if released and key == SHARED:
             self.last_release = self.clock()
+        elif released:
+            self._set_released[key] = self.clock()
         if p.eni_to_free is not None and p.eni_to_free in views:
             await self._free(views[p.eni_to_free])
 
@@ -563,19 +671,22 @@ class Refiller:
                 return
             still = set(block.ips)
             taken = [ip for ip in taken if ip in still]
-        self._add(AddressBlock(owner=view.eni_id, ips=tuple(taken), table=view.table))
+        self._add(
+            AddressBlock(owner=view.eni_id, ips=tuple(taken), table=view.table, group=view.group)
+        )
 
     async def _free(self, view: EniView) -> None:
         ips = view.pool_ips
         taken = self.pool.remove_free(ips)
+        back = AddressBlock(owner=view.eni_id, ips=tuple(taken), table=view.table, group=view.group)
         if len(taken) != len(ips):  # an ADD took one since the plan: keep the ENI
-            self._add(AddressBlock(owner=view.eni_id, ips=tuple(taken), table=view.table))
+            self._add(back)
             return
         try:
             await self.provider.free_eni(view.eni_id)
         except CloudError as e:
             self._error(e)
-            self._add(AddressBlock(owner=view.eni_id, ips=tuple(taken), table=view.table))
+            self._add(back)
             return
         self.pool.drop_owner_if_empty(view.eni_id)
         self._first_seen.pop(view.eni_id, None)

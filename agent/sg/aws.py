@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.config import Config
 from agent.events import EventBus
+from agent.pool.ipam import IpPool
 from agent.sg.metrics import SgMetrics
 from agent.sg.service import NodeRules, SgService, TrunkInfo
 from cloud.trunk import BranchCloud
@@ -21,9 +22,11 @@ def sg_service(
     events: EventBus,
     metrics: SgMetrics,
     kube: Any = None,
+    pool: IpPool | None = None,
 ) -> SgService:
     """The node's SgService (state "disabled" unless ``[security_groups] enabled``); with the
-    agent's Kubernetes watch (``kube``), SecurityGroupPolicy objects select pods too."""
+    agent's Kubernetes watch (``kube``), SecurityGroupPolicy objects select pods too. In eni
+    mode the sets of groups live in ``pool`` (the CNI service's)."""
     from cloud.aws.branches import AwsBranches
     from cloud.aws.trunking import branch_limit
 
@@ -47,7 +50,7 @@ def sg_service(
             pod_wait=cfg.kubernetes.pod_wait,
             eks=cfg.security_groups.branches == "controller",
         )
-    return SgService(
+    sg = SgService(
         cfg.security_groups,
         policies=groups,
         identities=groups,
@@ -62,4 +65,7 @@ def sg_service(
         leak_grace=cfg.aws.leak_grace,
         leak_interval=cfg.aws.leak_interval,
         trunk_retry=cfg.security_groups.trunk_retry,
+        pool=pool,
     )
+    sg.enis = provider.enis
+    return sg

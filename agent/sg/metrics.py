@@ -6,11 +6,17 @@ disassociate + delete), ``podwire_sg_adds_total{source}`` (eks, annotation, poli
 State read at scrape time: ``podwire_branch_enis{state}``, ``podwire_branch_limit``,
 ``podwire_branch_vlans_held_by_others``, ``podwire_trunk_attached``,
 ``podwire_branch_link_info{kind}``.
+
+eni mode: ``podwire_sg_refused_total{limit}`` (ADDs answered 11 because their set could get
+no address: ``eni_slots``), and at scrape time ``podwire_sg_set_enis{set}``,
+``podwire_sg_set_addresses{set,state}`` (assigned, cooling, free) and
+``podwire_sg_set_waiting{set}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -64,6 +70,43 @@ class BranchCollector(Collector):
         yield from (enis, limit, others, trunk, link)
 
 
+class SetCollector(Collector):
+    """eni mode's sets (``SetPools.rows``), at scrape time."""
+
+    def __init__(self, rows: Callable[[], Sequence[Mapping[str, Any]]]) -> None:
+        self._rows = rows
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                f"{PREFIX}sg_set_enis", "ENIs of a set of security groups.", labels=("set",)
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}sg_set_addresses",
+                "Addresses of a set of security groups by state.",
+                labels=("set", "state"),
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}sg_set_waiting",
+                "ADDs waiting for an address of a set of security groups.",
+                labels=("set",),
+            ),
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        enis, addresses, waiting = self._families()
+        for r in self._rows():
+            enis.add_metric((r["set"],), len(r["enis"]))
+            for state in ("assigned", "cooling", "free"):
+                addresses.add_metric((r["set"], state), r[state])
+            waiting.add_metric((r["set"],), r["waiting"])
+        yield from (enis, addresses, waiting)
+
+
 class SgMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -87,9 +130,16 @@ class SgMetrics:
             ("source",),
             registry=r,
         )
+        self.refusals = Counter(
+            f"{PREFIX}sg_refused",
+            "ADDs of pods with security groups answered 11 because of a node limit.",
+            ("limit",),
+            registry=r,
+        )
         for w in ("create", "delete"):
             self.workflow_duration.labels(w)
         self._collector: BranchCollector | None = None
+        self._sets: SetCollector | None = None
 
     def workflow(self, workflow: str, outcome: str, seconds: float) -> None:
         self.workflows.labels(workflow, outcome).inc()
@@ -97,6 +147,16 @@ class SgMetrics:
 
     def add(self, source: str) -> None:
         self.adds.labels(source).inc()
+
+    def refused(self, limit: str) -> None:
+        self.refusals.labels(limit).inc()
+
+    def watch_sets(self, rows: Callable[[], Sequence[Mapping[str, Any]]]) -> None:
+        """Read the sets' gauges from ``rows`` (a later call replaces an earlier one)."""
+        if self._sets is not None:
+            self.registry.unregister(self._sets)
+        self._sets = SetCollector(rows)
+        self.registry.register(self._sets)
 
     def watch(self, state: Callable[[], Mapping[str, float]]) -> None:
         """Read the branch gauges from ``state`` (a later call replaces an earlier one: the

@@ -1,4 +1,5 @@
-"""What the checkpoint keeps of a pod with security groups (part of its Allocation)."""
+"""What the checkpoint keeps of a pod with security groups (part of its Allocation): its branch
+ENI (branch mode), or the set of groups whose shared ENI holds its address (eni mode)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Final, Literal
 
 import attrs
+
+from cloud.provider import group_key
 
 Mode = Literal["strict", "standard"]
 SOURCES: Final = ("eks", "annotation", "policy")
@@ -39,3 +42,20 @@ class SgAttachment:
     def agent_made(self) -> bool:
         """Whether the agent made (and so deletes) the branch; EKS's controller otherwise."""
         return self.source != "eks"
+
+
+@attrs.frozen(kw_only=True)
+class SetMembership:
+    """A pod of eni mode: its address is a secondary IP of an ENI made with exactly ``groups``
+    (shared with the other pods asking for that set), wired like any pod of a secondary ENI.
+    ``source``: annotation or policy; ``policies``: the SecurityGroupPolicy objects that
+    matched."""
+
+    source: str
+    groups: tuple[str, ...]
+    policies: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The set's key: its pool group, and the tag value of its ENIs."""
+        return group_key(self.groups)

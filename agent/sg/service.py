@@ -21,6 +21,11 @@ Theory of operation.
   kernel is asked how ``vlan.eth.<vid>`` can carry 802.1Q: a ``vlan`` device, or where the
   kernel has none a veth tagged by eBPF under tc (``ebpf``, ``netlink.dot1q``), reported in
   ``agentctl status``, the log and ``podwire_branch_link_info{kind}``.
+* eni mode (``mode = "eni"``): no trunk, no branches. The pod's groups resolve to a set; its
+  address comes from the set's group of the node's pool (``agent.sg.sets.SetPools``), whose
+  ENIs the refiller makes with exactly those groups. The pod is then an ordinary pod of a
+  secondary ENI for the datapath (its table, rules 512/1536), SNAT and GC; DEL cools its
+  address in its set. The decision path is the same as in branch mode (``decision``).
 """
 
 from __future__ import annotations
@@ -37,10 +42,10 @@ import anyio.abc
 import attrs
 
 from agent.checkpoint import Allocation
-from agent.cni.spec import TRY_AGAIN_LATER, CniError, CniRequest
+from agent.cni.spec import INVALID_CONFIG, TRY_AGAIN_LATER, CniError, CniRequest
 from agent.config import SecurityGroupsSection
 from agent.events import EventBus
-from agent.pool.ipam import Lease
+from agent.pool.ipam import IpPool, Lease
 from agent.sg.annotations import ANNOTATIONS, AnnotationError
 from agent.sg.branches import (
     BranchFailed,
@@ -53,7 +58,8 @@ from agent.sg.branches import (
 from agent.sg.kube import Facts
 from agent.sg.metrics import SgMetrics
 from agent.sg.policy import Decision, PodIdentity, SecurityGroupPolicy, Source, decide
-from agent.sg.records import SgAttachment
+from agent.sg.records import SetMembership, SgAttachment
+from agent.sg.sets import SetFailed, SetPending, SetPools, SetRefused
 from cloud.errors import CloudError, LimitExceeded, NotFound
 from cloud.trunk import BranchCloud
 from netlink.dot1q.links import Support
@@ -190,6 +196,7 @@ class SgService:
         link_timeout: float = 60.0,
         leak_grace: float = 300.0,
         leak_interval: float = 3600.0,
+        pool: IpPool | None = None,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -228,6 +235,12 @@ class SgService:
         self.repairs = 0
         self._trunk_changed = anyio.Event()
         self.metrics.watch(self._gauges)
+        # eni mode: the sets of groups, over the node's pool (the CNI service's)
+        self.sets: SetPools | None = None
+        if self.eni_mode and pool is not None:
+            self.sets = SetPools(pool, warm=settings.set_warm_ips)
+            self.metrics.watch_sets(self._set_gauges)
+        self.enis: Callable[[], Sequence[Any]] = lambda: ()  # the provider's ENI records
 
     def __repr__(self) -> str:
         return f"<SgService {self.state} limit={self.limit} manager={self.manager!r}>"
@@ -237,9 +250,14 @@ class SgService:
         return self.settings.enforcing_mode
 
     @property
+    def eni_mode(self) -> bool:
+        """Whether pods share an ENI per set of groups (``mode = "eni"``), not branch ENIs."""
+        return self.settings.enabled and self.settings.mode == "eni"
+
+    @property
     def reserves_trunk_slot(self) -> bool:
         """Whether the warm pool must leave one ENI slot to the trunk."""
-        return self.settings.enabled and self.state != "unsupported"
+        return self.settings.enabled and not self.eni_mode and self.state != "unsupported"
 
     @property
     def agent_branches(self) -> bool:
@@ -288,6 +306,16 @@ class SgService:
             if self._in_use or self._eks:
                 log.warning(
                     "security groups for pods are off, but pods with branch ENIs are wired: "
+                    "they keep working; their branches are not cleaned up by this agent",
+                    extra={"pods": len(self._in_use) + len(self._eks)},
+                )
+            return
+        if self.eni_mode:
+            self.state = "ready"
+            self.reason = "pods share an ENI per set of security groups"
+            if self._in_use or self._eks:
+                log.warning(
+                    "eni mode, but pods with branch ENIs are wired (an earlier branch mode): "
                     "they keep working; their branches are not cleaned up by this agent",
                     extra={"pods": len(self._in_use) + len(self._eks)},
                 )
@@ -417,8 +445,10 @@ class SgService:
         branches, until cancelled."""
         async with anyio.create_task_group() as tg:
             task_status.started()
-            if self.state in ("disabled", "unsupported"):
-                await anyio.sleep_forever()  # nothing to do; a service that exits is dead
+            if self.state in ("disabled", "unsupported") or self.eni_mode:
+                # nothing to do (eni mode: the refiller grows the sets); a service that exits
+                # is dead
+                await anyio.sleep_forever()
             if self.mode == "strict":
                 tg.start_soon(self._keep_local_rule)
             while self.state != "ready":
@@ -502,8 +532,9 @@ class SgService:
         except AnnotationError as e:
             raise CniError(INVALID_SG_REQUEST, "invalid security groups request", str(e)) from None
 
-    async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment] | None:
-        """Return the pod's branch address and attachment, or None for an ordinary pod.
+    async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment | SetMembership] | None:
+        """Return the pod's branch address and attachment (eni mode: its set's address and
+        membership), or None for an ordinary pod.
 
         Raises CniError: 111 for a request that cannot be served as it is (bad annotation,
         unknown group), 112 when this node cannot give groups at all, 11 (try again later)
@@ -520,6 +551,8 @@ class SgService:
             )
         if self.state == "unsupported":
             raise CniError(SG_UNAVAILABLE, "security groups for pods unavailable", self.reason)
+        if self.eni_mode:
+            return await self._set_lease(req, decision)
         if self.trunk is None:
             raise CniError(TRY_AGAIN_LATER, "trunk ENI not ready", self.reason)
         key = str(req.key)
@@ -572,6 +605,57 @@ class SgService:
         )
         return self._lease(rec.ip, att), att
 
+    async def _set_lease(self, req: CniRequest, decision: Decision) -> tuple[Lease, SetMembership]:
+        """eni mode: an address of the pod's set. Raises CniError (see ``lease``)."""
+        what = decision.describe()
+        if decision.source is Source.EKS:
+            raise CniError(
+                SG_UNAVAILABLE,
+                "this node gives pods their groups by ENI, not by EKS's branch ENIs",
+                f'{what}; security_groups.mode = "eni" (EKS\'s branches need "branch")',
+            )
+        if req.requested_ip is not None:
+            raise CniError(
+                INVALID_CONFIG,
+                "a pod with security groups gets an address of its set's ENI",
+                f"asked for {req.requested_ip}",
+            )
+        if self.sets is None:
+            raise CniError(TRY_AGAIN_LATER, "security groups for pods not ready", self.reason)
+        try:
+            lease = await self.sets.acquire(
+                req.key, decision.groups, wait=self.settings.branch_wait
+            )
+        except SetRefused as e:
+            self.metrics.refused("eni_slots")
+            raise CniError(
+                TRY_AGAIN_LATER, "no ENI for the pod's security groups", f"{what}: {e.reason}"
+            ) from None
+        except SetFailed as e:
+            raise _cloud_failed(e.cause, what, "the ENI of the pod's security groups") from None
+        except SetPending as e:
+            raise CniError(
+                TRY_AGAIN_LATER, "the ENI of the pod's security groups is not ready yet", str(e)
+            ) from None
+        member = SetMembership(
+            source=decision.source.value, groups=decision.groups, policies=decision.policies
+        )
+        return lease, member
+
+    def restart_to_apply(self, alloc: Allocation) -> str | None:
+        """Why a change of the pod's groups needs the pod restarted (None: it has a branch of
+        its own, whose groups could change in place). For the live-change reporting."""
+        if alloc.sg_set is not None:
+            return (
+                "eni mode: the pod's address is on the ENI of its set of groups; another set "
+                "is another ENI (restart the pod to apply)"
+            )
+        if alloc.sg is not None and not alloc.sg.agent_made:
+            return "EKS's resource controller owns the pod's branch ENI (restart to apply)"
+        if alloc.sg is None:
+            return "the pod has no groups of its own: it is on the shared pool (restart to apply)"
+        return None
+
     def _lease(self, ip: Any, att: SgAttachment) -> Lease:
         # Standard mode routes by the branch's table (rules 512/1536); strict by iif rules.
         if not att.strict:
@@ -621,8 +705,13 @@ class SgService:
 
     # -- views ----------------------------------------------------------------------------------
 
+    def _set_gauges(self) -> list[dict[str, Any]]:
+        return self.sets.rows(self.enis(), {}) if self.sets is not None else []
+
     def status(self) -> dict[str, Any]:
         counts = self.manager.counts() if self.manager else {}
+        if self.eni_mode:
+            return self._eni_status()
         return {
             "enabled": self.settings.enabled,
             "state": self.state,
@@ -637,6 +726,37 @@ class SgService:
             "held_by_others": len(self.manager.external) if self.manager else len(self._eks),
             "cooldown_s": self.settings.branch_cooldown,
         }
+
+    def _eni_status(self) -> dict[str, Any]:
+        rows = self.sets.rows(self.enis(), {}) if self.sets is not None else []
+        return {
+            "enabled": True,
+            "eni_mode": True,
+            "state": self.state,
+            "reason": self.reason,
+            # what strict mode would change: not available here
+            "same_node": "pod-to-pod traffic on the node stays on the node (no EC2 groups)",
+            "sets": len(rows),
+            "enis": sum(len(r["enis"]) for r in rows),
+            "assigned": sum(r["assigned"] for r in rows),
+            "free": sum(r["free"] for r in rows),
+            "refused": dict(self.sets.refused()) if self.sets is not None else {},
+            "warm_ips": self.settings.set_warm_ips,
+            "set_cooldown_s": self.settings.set_cooldown,
+            "shared_reserve": self.settings.shared_reserve,
+            "refusals": self.sets.refusals if self.sets is not None else 0,
+        }
+
+    def sets_view(self, allocations: Iterable[Allocation]) -> dict[str, Any]:
+        """``agentctl sets``: eni mode's sets, each with its ENIs, addresses and pods."""
+        if not self.eni_mode:
+            return {**self.status(), "rows": []}
+        pods: dict[str, list[str]] = {}
+        for a in allocations:
+            if a.sg_set is not None:
+                pods.setdefault(a.sg_set.key, []).append(_pod_name(a) or str(a.key))
+        rows = self.sets.rows(self.enis(), pods) if self.sets is not None else []
+        return {**self.status(), "rows": rows}
 
     def view(self, allocations: Iterable[Allocation]) -> dict[str, Any]:
         """``agentctl branches``: the trunk and every branch with its VLAN, state and pod."""
@@ -691,12 +811,16 @@ def _pod_name(a: Allocation) -> str:
 
 
 def _failed(e: BranchFailed, what: str) -> CniError:
-    cause = e.cause
+    return _cloud_failed(e.cause, what, "branch ENI", str(e))
+
+
+def _cloud_failed(cause: BaseException, what: str, made: str, detail: str = "") -> CniError:
+    """The CNI error for an ENI the pod's groups needed that EC2 would not make."""
     if isinstance(cause, NotFound) and cause.code == "InvalidSecurityGroupID.NotFound":
         return CniError(INVALID_SG_REQUEST, "security group does not exist", f"{what}: {cause}")
     if isinstance(cause, LimitExceeded) and cause.what == "SecurityGroupsPerInterfaceLimitExceeded":
         return CniError(INVALID_SG_REQUEST, "too many security groups for one ENI", f"{what}")
-    return CniError(TRY_AGAIN_LATER, "branch ENI could not be made", str(e))
+    return CniError(TRY_AGAIN_LATER, f"{made} could not be made", detail or f"{what}: {cause}")
 
 
 def remove_node_state() -> list[str]:

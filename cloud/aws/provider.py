@@ -36,7 +36,7 @@ from anyio.abc import TaskStatus
 from cloud.aws.ec2 import Ec2, Eni, RetryPolicy, Subnet
 from cloud.aws.imds import Imds, InstanceMeta
 from cloud.errors import CloudError, EniSetupFailed, LimitExceeded, NotFound
-from cloud.provider import AddressBlock, NodeFacts
+from cloud.provider import AddressBlock, NodeFacts, group_key
 
 log = logging.getLogger("podwire.aws")
 
@@ -49,6 +49,8 @@ TAG_EKS_OWNER = "eks:eni:owner"
 # Branch ENIs the agent made (agent.sg): their own workflows clean them up, not the ENI sweep.
 TAG_BRANCH_VLAN = "podwire.io/vlan-id"
 TAG_BRANCH_TRUNK = "podwire.io/trunk-eni-id"
+# ENIs made for a set of security groups (eni mode): the set's key (cloud.provider.group_key).
+TAG_POD_GROUPS = "podwire.io/security-groups"
 DESCRIPTION_PREFIX = "podwire-"
 TRUNK_DESCRIPTION_PREFIX = "podwire-trunk-"
 
@@ -175,6 +177,13 @@ class EniInfo:
     prefixes: tuple[IPv4Network, ...] = ()
     trunk: bool = False  # the trunk ENI of security groups for pods: never the pool's
     security_groups: tuple[str, ...] = ()
+    # eni mode: made for this set of security groups (its tag); () = the shared pool's
+    pod_groups: tuple[str, ...] = ()
+
+    @property
+    def group(self) -> str:
+        """The pool group of its addresses: "" (shared), or its set's key."""
+        return group_key(self.pod_groups)
 
     @property
     def gateway(self) -> IPv4Address:
@@ -186,7 +195,9 @@ class EniInfo:
         return self.ips + tuple(ip for p in self.prefixes for ip in p)
 
     def block(self) -> AddressBlock:
-        return AddressBlock(owner=self.eni_id, ips=self.pool_ips, table=self.table)
+        return AddressBlock(
+            owner=self.eni_id, ips=self.pool_ips, table=self.table, group=self.group
+        )
 
     def link_spec(self, mtu: int) -> LinkSpec:
         return LinkSpec(
@@ -205,6 +216,11 @@ def table_of(device_index: int) -> int | None:
 
 def is_no_manage(tags: Mapping[str, str]) -> bool:
     return tags.get(TAG_NO_MANAGE, "").lower() == "true"
+
+
+def pod_groups_of(tags: Mapping[str, str]) -> tuple[str, ...]:
+    """The set of security groups an ENI was made for (eni mode), from its tag; () if none."""
+    return tuple(sorted({g for g in tags.get(TAG_POD_GROUPS, "").split(",") if g}))
 
 
 def rfc3339(wall: float) -> str:
@@ -298,6 +314,14 @@ class AwsProvider:
             if rec.primary or rec.no_manage:
                 continue
             eni = next(e for e in enis if e.eni_id == rec.eni_id)
+            if rec.pod_groups and set(rec.pod_groups) != set(rec.security_groups):
+                log.warning(
+                    "ENI %s was made for security groups %s but has %s now: its pods are "
+                    "judged by the groups it has",
+                    rec.eni_id,
+                    rec.group,
+                    ",".join(rec.security_groups),
+                )
             if eni.tags.get(TAG_INSTANCE) != inst.instance_id:
                 await self.ec2.create_tags([rec.eni_id], self._node_tags())
             try:
@@ -390,6 +414,7 @@ class AwsProvider:
             prefixes=eni.prefixes,
             trunk=eni.interface_type == "trunk",
             security_groups=eni.security_groups,
+            pod_groups=pod_groups_of(eni.tags) if index != 0 else (),
         )
 
     def _node_tags(self) -> dict[str, str]:
@@ -402,9 +427,13 @@ class AwsProvider:
 
     # -- growing ------------------------------------------------------------------------------
 
-    async def create_eni(self, *, ip_count: int = 0, prefix_count: int = 0) -> AddressBlock:
+    async def create_eni(
+        self, *, ip_count: int = 0, prefix_count: int = 0, pod_groups: Sequence[str] = ()
+    ) -> AddressBlock:
         """Create, attach and configure one ENI carrying ``ip_count`` secondary IPs or
         ``prefix_count`` prefixes; return its block. On failure everything done is undone.
+        With ``pod_groups`` (security groups for pods, eni mode) the ENI is made with exactly
+        those groups and a tag recording them, and its addresses are that set's.
 
         Raises SubnetExhausted / LimitExceeded / other CloudError as EC2 raised them, and
         EniSetupFailed for a kernel-side failure or the workflow's deadline.
@@ -419,11 +448,15 @@ class AwsProvider:
                 try:
                     subnet_id = self.settings.subnet_id or self._primary_subnet
                     groups = self.settings.security_groups or self._primary_groups
+                    tags = self._node_tags()
+                    if pod_groups:  # eni mode: the pods' subnet, the set's groups
+                        groups = tuple(pod_groups)
+                        tags[TAG_POD_GROUPS] = group_key(pod_groups)
                     eni = await self.ec2.create_network_interface(
                         subnet_id=subnet_id,
                         security_groups=groups,
                         description=f"{DESCRIPTION_PREFIX}{inst.instance_id}",
-                        tags=self._node_tags(),
+                        tags=tags,
                         ip_count=ip_count,
                         prefix_count=prefix_count,
                     )
@@ -452,6 +485,8 @@ class AwsProvider:
                         attachment_id=attachment,
                         ips=eni.secondary_ips,
                         prefixes=eni.prefixes,
+                        security_groups=eni.security_groups,
+                        pod_groups=pod_groups_of(tags),
                     )
                     spec = rec.link_spec(self.settings.mtu)
                     await self.links.configure(spec)
@@ -567,7 +602,7 @@ class AwsProvider:
         with anyio.fail_after(self.settings.workflow_deadline):
             new = await self.ec2.assign_private_ips(eni_id, count)
         self._enis[eni_id] = attrs.evolve(rec, ips=rec.ips + new)
-        return AddressBlock(owner=eni_id, ips=new, table=rec.table)
+        return AddressBlock(owner=eni_id, ips=new, table=rec.table, group=rec.group)
 
     async def assign_prefixes(self, eni_id: str, count: int) -> AddressBlock:
         """Delegate ``count`` /28s to the ENI in one call; return a block of their addresses."""
@@ -575,7 +610,8 @@ class AwsProvider:
         with anyio.fail_after(self.settings.workflow_deadline):
             new = await self.ec2.assign_prefixes(eni_id, count)
         self._enis[eni_id] = attrs.evolve(rec, prefixes=rec.prefixes + new)
-        return AddressBlock(owner=eni_id, ips=tuple(ip for p in new for ip in p), table=rec.table)
+        ips = tuple(ip for p in new for ip in p)
+        return AddressBlock(owner=eni_id, ips=ips, table=rec.table, group=rec.group)
 
     async def resync_eni(self, eni_id: str) -> AddressBlock:
         """Re-read one ENI from EC2 (after PrivateIpAddressLimitExceeded) and return its whole

@@ -14,7 +14,7 @@ import attrs
 
 from agent.pool.pool_math import InstanceLimits
 from cloud.errors import LimitExceeded, NotFound, SubnetExhausted
-from cloud.provider import AddressBlock, NodeFacts
+from cloud.provider import AddressBlock, NodeFacts, group_key
 
 
 @attrs.frozen(kw_only=True)
@@ -25,6 +25,15 @@ class FakeEni:
     no_manage: bool = False
     ips: tuple[IPv4Address, ...] = ()
     prefixes: tuple[IPv4Network, ...] = ()
+    pod_groups: tuple[str, ...] = ()  # made for a set of security groups (eni mode)
+
+    @property
+    def group(self) -> str:
+        return group_key(self.pod_groups)
+
+    @property
+    def security_groups(self) -> tuple[str, ...]:
+        return self.pod_groups or ("sg-node",)
 
     @property
     def table(self) -> int | None:
@@ -35,7 +44,9 @@ class FakeEni:
         return self.ips + tuple(ip for p in self.prefixes for ip in p)
 
     def block(self) -> AddressBlock:
-        return AddressBlock(owner=self.eni_id, ips=self.pool_ips, table=self.table)
+        return AddressBlock(
+            owner=self.eni_id, ips=self.pool_ips, table=self.table, group=self.group
+        )
 
 
 @attrs.frozen
@@ -88,6 +99,7 @@ class FakeCloudProvider:
         ips: int = 0,
         prefixes: int = 0,
         no_manage: bool = False,
+        pod_groups: Sequence[str] = (),
     ) -> FakeEni:
         """Put an ENI in the cloud and in the provider's view (as if inventory found it)."""
         eni = FakeEni(
@@ -97,6 +109,7 @@ class FakeCloudProvider:
             no_manage=no_manage,
             ips=self._take_ips(ips),
             prefixes=self._take_prefixes(prefixes),
+            pod_groups=tuple(sorted(pod_groups)),
         )
         self._seq += 1
         self.cloud[eni.eni_id] = self.view[eni.eni_id] = eni
@@ -169,7 +182,7 @@ class FakeCloudProvider:
             raise LimitExceeded("PrivateIpAddressLimitExceeded", "AssignPrivateIpAddresses")
         new = self._take_ips(count)
         self._set(attrs.evolve(eni, ips=eni.ips + new))
-        return AddressBlock(owner=eni_id, ips=new, table=eni.table)
+        return AddressBlock(owner=eni_id, ips=new, table=eni.table, group=eni.group)
 
     async def assign_prefixes(self, eni_id: str, count: int) -> AddressBlock:
         await self._enter("assign_prefixes", eni_id, count)
@@ -180,13 +193,17 @@ class FakeCloudProvider:
         self._set(attrs.evolve(eni, prefixes=eni.prefixes + new))
         return AddressBlock(owner=eni_id, ips=tuple(ip for p in new for ip in p), table=eni.table)
 
-    async def create_eni(self, *, ip_count: int = 0, prefix_count: int = 0) -> AddressBlock:
-        await self._enter("create_eni", ip_count, prefix_count)
+    async def create_eni(
+        self, *, ip_count: int = 0, prefix_count: int = 0, pod_groups: Sequence[str] = ()
+    ) -> AddressBlock:
+        await self._enter("create_eni", ip_count, prefix_count, *pod_groups)
         if len(self.cloud) >= self.limits.max_enis:
             raise LimitExceeded("AttachmentLimitExceeded", "AttachNetworkInterface")
         used = {e.device_index for e in self.cloud.values()}
         index = min(i for i in range(1, self.limits.max_enis) if i not in used)
-        eni = self.add_eni(device_index=index, ips=ip_count, prefixes=prefix_count)
+        eni = self.add_eni(
+            device_index=index, ips=ip_count, prefixes=prefix_count, pod_groups=pod_groups
+        )
         return eni.block()
 
     async def release_ips(self, eni_id: str, ips: Sequence[IPv4Address]) -> None:
