@@ -13,8 +13,10 @@ groups the cluster now resolves for it, and says what to do:
 * ``RestartToApply`` — a change the pod's wiring cannot take in place: an ordinary pod (on the
   shared pool) that now has groups, a branch pod that no longer has any (it keeps its branch),
   a pod whose branch EKS's controller made (its groups are EKS's), a change between EKS's
-  annotation and agent-made groups. Reported (``agentctl kube``, an event on the pod, a metric)
-  until the pod is restarted or the cluster changes back.
+  annotation and agent-made groups, any change of an eni-mode pod's set (its address is on the
+  set's ENI, shared with the set's other pods: another set is another ENI). Reported
+  (``agentctl kube``, an event on the pod, a metric) until the pod is restarted or the cluster
+  changes back.
 * nothing — in sync, or the cache cannot tell (the pod not in it, a service account not
   listed): an incomplete view never changes a running pod.
 
@@ -52,6 +54,7 @@ class Running:
     source: str
     groups: tuple[str, ...] = ()
     branch: str = ""
+    on_set: bool = False  # eni mode: its address is on its set's ENI, not a branch of its own
 
 
 @attrs.frozen(kw_only=True)
@@ -79,6 +82,10 @@ Action = Retarget | RestartToApply
 
 def running_of(a: Allocation) -> Running:
     pod = f"{a.pod_namespace}/{a.pod_name}"
+    if a.sg_set is not None:
+        return Running(
+            key=str(a.key), pod=pod, source=a.sg_set.source, groups=a.sg_set.groups, on_set=True
+        )
     if a.sg is None:
         return Running(key=str(a.key), pod=pod, source="none")
     return Running(
@@ -102,6 +109,24 @@ def plan(running: Iterable[Running], resolved: Mapping[str, Decision | None]) ->
         if d is None:
             continue
         running_shown = (f"{r.branch} (EKS)",) if r.source == "eks" else r.groups
+        if r.on_set:
+            same = d.source in (Source.ANNOTATION, Source.POLICY) and set(d.groups) == set(r.groups)
+            if not same:
+                out.append(
+                    RestartToApply(
+                        key=r.key,
+                        pod=r.pod,
+                        running=r.groups,
+                        resolved=_shown(d) if d.wants_branch else (),
+                        reason=(
+                            "eni mode: its address is on the ENI of its set of groups; "
+                            "another set is another ENI"
+                            if d.wants_branch
+                            else "no longer selected: it keeps its set's ENI until restarted"
+                        ),
+                    )
+                )
+            continue
         if r.source == "none":
             if d.wants_branch:
                 out.append(

@@ -642,20 +642,6 @@ class SgService:
         )
         return lease, member
 
-    def restart_to_apply(self, alloc: Allocation) -> str | None:
-        """Why a change of the pod's groups needs the pod restarted (None: it has a branch of
-        its own, whose groups could change in place). For the live-change reporting."""
-        if alloc.sg_set is not None:
-            return (
-                "eni mode: the pod's address is on the ENI of its set of groups; another set "
-                "is another ENI (restart the pod to apply)"
-            )
-        if alloc.sg is not None and not alloc.sg.agent_made:
-            return "EKS's resource controller owns the pod's branch ENI (restart to apply)"
-        if alloc.sg is None:
-            return "the pod has no groups of its own: it is on the shared pool (restart to apply)"
-        return None
-
     def _lease(self, ip: Any, att: SgAttachment) -> Lease:
         # Standard mode routes by the branch's table (rules 512/1536); strict by iif rules.
         if not att.strict:

@@ -63,6 +63,26 @@ ROWS = [
 ]
 
 
+# eni mode: a pod on its set's ENI; any other set is another ENI (running groups | resolved)
+SET_ROWS = [
+    (("sg-1", "sg-2"), policy_d("sg-2", "sg-1"), None),  # the same set, in another order
+    (("sg-1",), policy_d("sg-1", "sg-2"), "another set is another ENI"),
+    (("sg-1",), ORDINARY, "no longer selected"),
+    (("sg-1",), Decision(source=Source.EKS, branch=EKS_A), "another set is another ENI"),
+]
+
+
+@pytest.mark.parametrize(("groups", "resolved", "want"), SET_ROWS)
+def test_plan_rows_of_eni_mode_pods(groups, resolved, want) -> None:  # type: ignore[no-untyped-def]
+    r = Running(key="k", pod="ns/p", source="policy", groups=groups, on_set=True)
+    actions = plan([r], {"k": resolved})
+    if want is None:
+        assert actions == []
+    else:
+        (a,) = actions
+        assert isinstance(a, RestartToApply) and want in a.reason and a.running == groups
+
+
 @pytest.mark.parametrize(("source", "groups", "branch", "resolved", "want"), ROWS)
 def test_plan_rows(source, groups, branch, resolved, want) -> None:  # type: ignore[no-untyped-def]
     r = Running(key="k", pod="ns/p", source=source, groups=groups, branch=branch)

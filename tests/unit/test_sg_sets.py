@@ -311,26 +311,6 @@ async def test_a_restart_rebuilds_the_sets_from_the_cloud_and_the_checkpoint(
         tg.cancel_scope.cancel()
 
 
-async def test_restart_to_apply_says_why_a_pods_groups_cannot_change_in_place(node: Node) -> None:
-    from agent.checkpoint import Allocation
-    from agent.sg.records import SetMembership
-
-    base = Allocation(
-        network="podwire",
-        container_id="c",
-        ifname="eth0",
-        ip=__import__("ipaddress").IPv4Address("10.0.0.9"),
-        netns=NETNS,
-        host_veth="pwv1",
-        owner="eni-1",
-    )
-    member = SetMembership(source="annotation", groups=(APP,))
-    import attrs
-
-    reason = node.sg.restart_to_apply(attrs.evolve(base, sg_set=member))
-    assert reason is not None and "restart the pod" in reason
-
-
 async def test_agentctl_shows_each_set_and_says_pods_on_a_node_meet_locally(
     node: Node, autojump_clock: trio.testing.MockClock
 ) -> None:
