@@ -521,12 +521,19 @@ class BranchManager:
         """Delete branch ENIs with our tags that no record knows, not associated, made at least
         ``grace`` seconds ago (a workflow that died before recording them); return their ids.
         Raises CloudError when the cloud cannot be read; a failed deletion is logged and left
-        for the next round."""
+        for the next round.
+
+        The records are read once EC2 has answered: a branch made while the describe was in
+        flight is known by then. A branch on the VLAN of a workflow still creating is spared:
+        EC2 may hold it before the workflow has its id (the createdAt tag is in whole seconds,
+        so a grace alone cannot tell it from a leak)."""
+        found = await self.cloud.branches()
         known = {r.eni_id for r in self._records.values() if r.eni_id}
+        creating = {r.vlan for r in self._records.values() if not r.eni_id}
         now = self.wall()
         deleted = []
-        for b in await self.cloud.branches():
-            if b.eni_id in known or b.status != "available":
+        for b in found:
+            if b.eni_id in known or b.vlan in creating or b.status != "available":
                 continue
             if b.created_at is None or now - b.created_at < grace:
                 continue

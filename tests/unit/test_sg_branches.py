@@ -395,3 +395,25 @@ async def test_retarget_gives_an_associated_branch_new_groups(
         with pytest.raises(BranchError):
             await env.mgr.retarget("pod-nope", GROUPS)
         n.cancel_scope.cancel()
+
+
+async def test_leak_collection_spares_a_branch_whose_workflow_is_in_flight(
+    env: Env, autojump_clock: trio.testing.MockClock
+) -> None:
+    env.trunk.delays["create_branch"] = 2.0
+    env.trunk.delays["associate"] = 5.0
+    async with trio.open_nursery() as n:
+        await n.start(env.mgr.run)
+        n.start_soon(lambda: env.mgr.acquire("pod-a", groups=GROUPS, wait=30.0))
+        await trio.sleep(0.1)
+        # EC2 holds a branch on VLAN 1 that the creating workflow has no id for yet
+        early = env.trunk.leak(1, associated=False)
+        assert await env.mgr.collect_leaked(grace=0.0) == []
+        assert early.eni_id in env.trunk.enis
+        # a describe answered after the create did: the new branch is known, not a leak
+        env.trunk.delays["branches"] = 3.0
+        assert await env.mgr.collect_leaked(grace=0.0) == [early.eni_id]
+        (rec,) = env.mgr.records()
+        assert rec.eni_id in env.trunk.enis and rec.eni_id != early.eni_id
+        assert env.trunk.enis[rec.eni_id].status == "available"  # its association in flight
+        n.cancel_scope.cancel()
