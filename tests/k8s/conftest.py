@@ -1,7 +1,8 @@
 """One real cluster for the whole tests/k8s run (see ``tests.k8s.cluster``), and a namespace of
 its own for each test. The machine's kernel settings and its Kubernetes paths are recorded
-before the cluster starts; a test compares them while it runs and the session checks them again
-once it has stopped."""
+before the cluster starts; a test compares them while it runs and the fixture checks them again
+once it has stopped. The cluster lives as long as this package's tests (not the session), so
+the rest of a run does not share the machine with it."""
 
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def machine_paths() -> dict[str, bool]:
     return {p: os.path.lexists(p) for p in MACHINE_PATHS}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def machine_before() -> tuple[dict[str, str], dict[str, bool]]:
     return machine_sysctls(), machine_paths()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(machine_before: tuple[dict[str, str], dict[str, bool]]) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces")
