@@ -231,9 +231,13 @@ def _until(what: str, check: Any, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _set_free(node: Node, group: str) -> int:
+def _set_row(node: Node, group: str) -> dict[str, Any] | None:
     rows = {r["set"]: r for r in node.call("agent.sets")["rows"]}
-    row = rows.get(group)
+    return rows.get(group)
+
+
+def _set_free(node: Node, group: str) -> int:
+    row = _set_row(node, group)
     return int(row["free"]) if row and not row["waiting"] else 0
 
 
@@ -248,7 +252,7 @@ def warm_adds(node: Node, n: int, group: str | None) -> list[float]:
     for _ in range(n):
         if group is None:
             _until("shared pool warm", lambda: _shared_free(node) > 0)
-        else:
+        elif _set_row(node, group) is not None:  # a set no pod asked for yet has no ENI
             _until("set warm", lambda: _set_free(node, group) > 0)
         pod = node.new_pod("w")
         c = conf(node, group)
