@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
-from types import TracebackType
 
 import aiohttp
 import anyio
 import attrs
 
 from cloud.errors import CloudUnavailable, MetadataError
+from cloud.local_http import LocalHttpClient
 
 DEFAULT_BASE_URL = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
@@ -56,7 +56,7 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-class Imds:
+class Imds(LocalHttpClient):
     """An IMDSv2 client; use as an async context manager (it owns an aiohttp session)."""
 
     def __init__(
@@ -75,30 +75,9 @@ class Imds:
         self._clock = clock
         self._token: str | None = None
         self._token_expires = 0.0
-        self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"<Imds {self.base_url} token={'yes' if self._token else 'no'}>"
-
-    async def __aenter__(self) -> Imds:
-        # IMDS must never go through an HTTP proxy from the environment.
-        self._session = aiohttp.ClientSession(trust_env=False)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("Imds used outside 'async with'")
-        return self._session
 
     async def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, str]:
         last: BaseException | None = None

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
-from types import TracebackType
 
 import aiohttp
 import anyio
 import attrs
 
 from cloud.errors import BadMetadata, CloudUnavailable, MetadataError, NotGceMetadata
+from cloud.local_http import LocalHttpClient
 
 # metadata.google.internal resolves to this address on GCE; the address needs no DNS.
 DEFAULT_BASE_URL = "http://169.254.169.254/computeMetadata/v1"
@@ -85,7 +85,7 @@ def _address(path: str, text: str) -> IPv4Address:
         raise BadMetadata(path, text.strip(), str(e)) from None
 
 
-class GceMetadata:
+class GceMetadata(LocalHttpClient):
     """A GCE metadata client; use as an async context manager (it owns an aiohttp session)."""
 
     def __init__(
@@ -95,30 +95,9 @@ class GceMetadata:
         self.timeout = timeout
         self.attempts = attempts
         self.requests = 0
-        self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"<GceMetadata {self.base_url} requests={self.requests}>"
-
-    async def __aenter__(self) -> GceMetadata:
-        # The metadata server must never be asked through an HTTP proxy from the environment.
-        self._session = aiohttp.ClientSession(trust_env=False)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("GceMetadata used outside 'async with'")
-        return self._session
 
     async def get(
         self, path: str, params: Mapping[str, str] | None = None, *, timeout: float | None = None
