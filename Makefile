@@ -28,8 +28,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# tests/k8s (a real cluster: mostly waiting on kubelet and the API server) runs beside the rest
+# in a pytest of its own, its report printed after the rest's; either failing fails the target.
+# An interrupted run stops it with SIGINT, so its cluster is torn down.
 test: deps
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@log=$$(mktemp); \
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/k8s >$$log 2>&1 & k8s=$$!; \
+	trap 'kill -INT $$k8s 2>/dev/null; wait $$k8s; rm -f $$log' INT TERM; \
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) --ignore=tests/k8s; rest=$$?; \
+	wait $$k8s; k8s_rc=$$?; echo "== tests/k8s (run alongside)"; cat $$log; rm -f $$log; \
+	exit $$(( rest || k8s_rc ))
 
 unit: deps
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
