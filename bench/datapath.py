@@ -1,6 +1,6 @@
 """Datapath benchmark: pod-to-pod TCP and UDP bandwidth, as in the seeds' CNI benchmark.
 
-    make bench-datapath        # or: .venv/bin/python -m bench.datapath [--seconds 5]
+    make bench-datapath        # or: .venv/bin/python -m bench.datapath [--seconds 5] [--rounds 3]
 
 Four datapaths, each between two pods on one node and between pods on two emulated nodes
 across the VPC router (``cloud.emulator``, static pod CIDRs routed to each node):
@@ -14,7 +14,9 @@ across the VPC router (``cloud.emulator``, static pod CIDRs routed to each node)
 
 Each is measured with iperf3 (Debian's): TCP and UDP (unlimited rate), 1 and 8 streams, for
 ``--seconds`` each, receiver-side throughput; the table gives the ratio to the ceiling of the
-same placement. Then the agent's idle CPU and RSS over ``--idle`` seconds with 100 pods. All
+same placement. The four are set up side by side and measured in turns, ``--rounds`` times
+(each figure is the median), so load elsewhere on the machine lands on all of them alike.
+Then the agent's idle CPU and RSS over ``--idle`` seconds with 100 pods. All
 MTUs are 1500. Prints the tables and writes bench/results/datapath.json. Needs root; works only
 inside namespaces it makes. Throughput on this 2-core machine is CPU-bound and moves with
 whatever else runs: compare ratios within one run, on a quiet machine.
@@ -28,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -240,41 +243,52 @@ def idle_agent(pods: int, seconds: float) -> dict[str, float]:
 # -- the run -------------------------------------------------------------------------------
 
 
-def measure(ends: Endpoints, seconds: float) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for placement, where in (("same-node", ends.same), ("cross-node", ends.cross)):
-        assert where is not None
-        client, server, ip = where
-        for proto, streams in MODES:
-            gbps = iperf(client, server, ip, proto, streams, seconds)
-            out.setdefault(placement, {})[f"{proto}x{streams}"] = round(gbps, 3)
-    return out
-
-
-def run(seconds: float, idle_seconds: float) -> dict[str, Any]:
-    results: dict[str, Any] = {"kinds": {}}
-    with Vpc.start("10.0.0.0/16") as vpc:
+def run(seconds: float, idle_seconds: float, rounds: int) -> dict[str, Any]:
+    """All four datapaths set up side by side, then measured in turns: per round, each
+    (placement, mode) once for every kind in a row, so a burst of load elsewhere on the machine
+    lands on all of them alike; each figure is the median over ``rounds``."""
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+    with Vpc.start("10.0.0.0/16") as vpc, contextlib.ExitStack() as stack:
         subnet = vpc.add_subnet("10.0.1.0/24", "us-east-1a")
         state = Path(os.environ.get("TMPDIR", "/tmp")) / unique_name("dp-ipam")
-        try:
-            for i, kind in enumerate(KINDS):
-                a = vpc.add_node("m5.large", subnet, pod_cidr=f"10.{100 + i}.1.0/24")
-                b = vpc.add_node("m5.large", subnet, pod_cidr=f"10.{100 + i}.2.0/24")
-                try:
-                    if kind == "veth":
-                        setup = bare_veth(vpc, a, b)
-                    elif kind == "podwire":
-                        setup = podwire(vpc, a, b)
-                    else:
-                        setup = reference(kind, a, b, state)
-                    with setup as ends:
-                        results["kinds"][kind] = measure(ends, seconds)
-                    print(f"  {kind}: {results['kinds'][kind]}", flush=True)
-                finally:
-                    vpc.remove_node(a)
-                    vpc.remove_node(b)
-        finally:
-            shutil.rmtree(state, ignore_errors=True)
+        stack.callback(shutil.rmtree, state, ignore_errors=True)
+        setups: dict[str, Endpoints] = {}
+        for i, kind in enumerate(KINDS):
+            a = vpc.add_node("m5.large", subnet, pod_cidr=f"10.{100 + i}.1.0/24")
+            b = vpc.add_node("m5.large", subnet, pod_cidr=f"10.{100 + i}.2.0/24")
+            stack.callback(vpc.remove_node, b)
+            stack.callback(vpc.remove_node, a)
+            if kind == "veth":
+                setup = bare_veth(vpc, a, b)
+            elif kind == "podwire":
+                setup = podwire(vpc, a, b)
+            else:
+                setup = reference(kind, a, b, state)
+            setups[kind] = stack.enter_context(setup)
+        for r in range(rounds):
+            for placement in ("same-node", "cross-node"):
+                for proto, streams in MODES:
+                    for kind, ends in setups.items():
+                        where = ends.same if placement == "same-node" else ends.cross
+                        assert where is not None
+                        client, server, ip = where
+                        gbps = iperf(client, server, ip, proto, streams, seconds)
+                        key = f"{proto}x{streams}"
+                        samples.setdefault(kind, {}).setdefault(placement, {}).setdefault(
+                            key, []
+                        ).append(gbps)
+            print(f"  round {r + 1}/{rounds} done", flush=True)
+    results: dict[str, Any] = {
+        "kinds": {
+            kind: {
+                placement: {key: round(statistics.median(v), 3) for key, v in modes.items()}
+                for placement, modes in by_placement.items()
+            }
+            for kind, by_placement in samples.items()
+        },
+        "samples": samples,
+        "rounds": rounds,
+    }
     if idle_seconds > 0:
         results["idle_agent"] = idle_agent(100, idle_seconds)
     return results
@@ -309,11 +323,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     ap.add_argument("--idle", type=float, default=60.0, help="idle agent window (0: skip)")
+    ap.add_argument("--rounds", type=int, default=3, help="turns over every datapath (median)")
     args = ap.parse_args()
     if shutil.which("iperf3") is None:
         raise SystemExit("iperf3 is missing: apt-get install iperf3 (make deps does it)")
     print(f"datapath benchmark on {platform.node()}, {os.cpu_count()} CPUs", flush=True)
-    results = run(args.seconds, args.idle)
+    results = run(args.seconds, args.idle, args.rounds)
     results["seconds_per_run"] = args.seconds
     results["load_average"] = os.getloadavg()
     print(table(results))
