@@ -8,11 +8,13 @@ peer cannot be: it has no partner yet when the kernel configures it). The pod si
 host veth's MAC, and ``default via 169.254.1.1``; the host side gets the veth up,
 ``ip/32 dev <veth> scope link`` and, for IPs of a secondary ENI, the two policy rules.
 
-Speed. Messages are pyroute2's classes, sent in batches by ``netlink.rtnl`` (pyroute2's IPRoute
-costs ~0.7 ms per object and ~0.4 ms per request; its marshalling alone is ~0.05-0.3 ms per
-message). wire() is three round trips: create + read back the link (pod), address/routes/
-neighbour (pod), up/route/rules (host). The host MAC is chosen here rather than read back, which
-also keeps udev's MACAddressPolicy from rewriting it under the pod's permanent neighbour entry.
+Speed. Requests go in batches over ``netlink.rtnl`` (pyroute2's IPRoute costs ~0.7 ms per
+object and ~0.4 ms per request). Every request of wire() is packed with struct
+(``netlink.packing``; pyroute2's marshalling is ~0.05-0.3 ms a message, the nested veth create
+the dearest); checks and dumps keep pyroute2's classes. wire() is three round trips: create +
+read back the link (pod), address/routes/neighbour (pod), up/route/rules (host). The host MAC
+is chosen here rather than read back, which also keeps udev's MACAddressPolicy from rewriting
+it under the pod's permanent neighbour entry.
 
 Deleting. An RTM_DELLINK has two phases in the kernel: under the rtnl lock the links are
 unlisted from their namespaces (both ends of a veth; their addresses, routes and neighbours
@@ -57,7 +59,7 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-from netlink import vlan
+from netlink import packing, vlan
 from netlink.dot1q import links as dot1q_links
 from netlink.errors import (
     DatapathClosed,
@@ -222,43 +224,18 @@ def _rule_to_name(pod: PodNet) -> str:
 
 
 def _newveth(pod: PodNet, host_mac: str, host_fd: int) -> Request:
-    peer = {
-        "attrs": [
-            ("IFLA_IFNAME", pod.host_veth),
-            ("IFLA_MTU", pod.mtu),
-            ("IFLA_ADDRESS", host_mac),
-            ("IFLA_NET_NS_FD", host_fd),
-        ]
-    }
-    linkinfo = {
-        "attrs": [
-            ("IFLA_INFO_KIND", "veth"),
-            ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
-        ]
-    }
-    msg = link_msg(
-        ("IFLA_IFNAME", pod.ifname),
-        ("IFLA_MTU", pod.mtu),
-        ("IFLA_LINKINFO", linkinfo),
-        up=True,
-    )
-    return Request("create veth", RTM_NEWLINK, CREATE, msg)
+    body = packing.new_veth(pod.ifname, pod.mtu, pod.host_veth, host_mac, host_fd)
+    return Request("create veth", RTM_NEWLINK, CREATE, body)
 
 
 def _pod_side(pod: PodNet, index: int, host_mac: str) -> list[Request]:
-    addr = ifaddrmsg()
-    addr["family"] = socket.AF_INET
-    addr["prefixlen"] = 32
-    addr["scope"] = RT_SCOPE_UNIVERSE
-    addr["index"] = index
-    addr["attrs"] = [("IFA_LOCAL", str(pod.ip)), ("IFA_ADDRESS", str(pod.ip))]
-    neigh = ndmsg()
-    neigh["family"] = socket.AF_INET
-    neigh["ifindex"] = index
-    neigh["state"] = NUD_PERMANENT
-    neigh["attrs"] = [("NDA_DST", str(GATEWAY)), ("NDA_LLADDR", host_mac)]
     return [
-        Request(f"address {pod.ip}/32 on {pod.ifname}", RTM_NEWADDR, CREATE, addr),
+        Request(
+            f"address {pod.ip}/32 on {pod.ifname}",
+            RTM_NEWADDR,
+            CREATE,
+            packing.address32(index, pod.ip),
+        ),
         route_req(
             f"route {GATEWAY} scope link",
             RTM_NEWROUTE,
@@ -268,7 +245,12 @@ def _pod_side(pod: PodNet, index: int, host_mac: str) -> list[Request]:
             scope=RT_SCOPE_LINK,
         ),
         # REPLACE: the kernel may already hold an incomplete entry for the gateway.
-        Request(f"neighbour {GATEWAY}", RTM_NEWNEIGH, REPLACE, neigh),
+        Request(
+            f"neighbour {GATEWAY}",
+            RTM_NEWNEIGH,
+            REPLACE,
+            packing.permanent_neighbour(index, GATEWAY, host_mac),
+        ),
         route_req(
             f"default route via {GATEWAY}",
             RTM_NEWROUTE,

@@ -136,3 +136,22 @@ def test_rule(ip: IPv4Address, src: bool, table: int, priority: int) -> None:
         ("FRA_TABLE", table),
     ]
     same(msg, packing.rule(ip, src=src, table=table, priority=priority))
+
+
+def test_the_wiring_path_sends_only_packed_requests() -> None:
+    # pyroute2's marshalling of these is most of wire()'s CPU (the nested veth create above all)
+    from netlink import veth
+
+    pod = veth.PodNet(
+        netns="/run/netns/x",
+        ifname="eth0",
+        host_veth="pwv0123",
+        ip=IPv4Address("10.1.2.3"),
+        mtu=9001,
+    )
+    mac = "02:00:00:00:00:01"
+    requests = [veth._newveth(pod, mac, 5), *veth._pod_side(pod, 7, mac)]
+    assert all(isinstance(r.msg, bytes) for r in requests)
+    assert encode_batch(requests[:1], 1) == encode_batch(
+        [Request("x", RTM_NEWLINK, CREATE, packing.new_veth("eth0", 9001, "pwv0123", mac, 5))], 1
+    )
