@@ -8,10 +8,12 @@ scanning the directories never reads half a file. Both steps are idempotent.
 
 from __future__ import annotations
 
+import binascii
 import os
 import re
 import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -76,22 +78,27 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> bool:
 
 
 # The installed plugin: the code object of cni_client/podwire.py compiled by the interpreter of
-# the shebang, so no run pays the ~0.8 ms of compiling the source; when that interpreter is of
-# another version than the one that compiled it (upgraded since, or the installer's image differs
-# from the node), the embedded source is compiled instead.
+# the shebang (docstrings dropped), so no run pays the ~0.8 ms of compiling the source; when that
+# interpreter is of another version than the one that compiled it (upgraded since, or the
+# installer's image differs from the node), the embedded source is compiled instead. Python
+# parses the stub on every run, so both are held in literals cheap to parse: the code in hex
+# (decoded with bytes.fromhex, no import), the source zlib-compressed in base64 (binascii and
+# zlib imported on that path only). Parsing the repr of the marshalled bytes (escapes all over)
+# took ~0.4 ms here, the hex takes ~0.1 ms: a run costs 0.15-0.2 ms less (wall and CPU, 400 runs).
 _STUB = """\
 #!{interpreter} -IS
 # podwire CNI plugin, installed by podwire-agent install-cni from cni_client/podwire.py.
 import marshal, sys
 if sys.hexversion >> 16 == {version}:
-    exec(marshal.loads({code!r}))
+    exec(marshal.loads(bytes.fromhex({code!r})))
 else:
-    exec(compile({source!r}, "podwire", "exec"))
+    import binascii, zlib
+    exec(compile(zlib.decompress(binascii.a2b_base64({source!r})), "podwire", "exec"))
 """
 _COMPILE = (
     "import marshal, sys; src = sys.stdin.buffer.read(); "
     "sys.stdout.buffer.write(b'%d\\n' % (sys.hexversion >> 16) "
-    "+ marshal.dumps(compile(src, 'podwire', 'exec')))"
+    "+ marshal.dumps(compile(src, 'podwire', 'exec', optimize=2)))"
 )
 
 
@@ -110,7 +117,12 @@ def plugin_source(interpreter: str) -> bytes:
     version, _, code = done.stdout.partition(b"\n")
     if done.returncode != 0 or not version.isdigit():
         return plain
-    stub = _STUB.format(interpreter=interpreter, version=int(version), code=code, source=body)
+    stub = _STUB.format(
+        interpreter=interpreter,
+        version=int(version),
+        code=code.hex(),
+        source=binascii.b2a_base64(zlib.compress(body, 9), newline=False),
+    )
     return stub.encode()
 
 
