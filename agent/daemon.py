@@ -348,7 +348,9 @@ async def run(
             provider, cni, dropped = await _restore_until_reachable(
                 cfg, stack, watcher, metrics, health, threaded, events, snapshot, kube
             )
-            watcher.add_immediate_callback(cni.deleter.on_events)
+            cni.deleter.poke = watcher.add_immediate_callback(
+                cni.deleter.on_events, wanted=cni.deleter.wanted
+            )
             await tg.start(health.run, "veth-deleter", cni.run)
             health.set_ready(PROVIDER_REACHABLE, True, provider.name)
             health.set_ready(

@@ -12,6 +12,12 @@ Theory of operation.
   default); everything read until it closes, or until ``max_batch`` events, is delivered as one
   ``Batch``. 300 veths deleted at once are a few batches, not 300 wake-ups of each consumer.
   Events keep their kernel order inside and across batches.
+- Lazy windows: while nobody needs an event before the window closes (no ``wait_link`` waiter,
+  no immediate callback whose ``wanted()`` is true), the reader does not wake for each datagram
+  but sleeps the window out and reads everything at its end: an ADD's own half-dozen events
+  cost the event loop one wake-up, not six in the middle of the wiring. Whoever starts needing
+  events at once calls ``poke()`` (the deleter when a round starts, ``wait_link`` when it
+  registers), and the reader reads what is there and from then on every datagram again.
 - Overrun: the kernel drops notifications when the receive buffer is full and reports ENOBUFS
   once. The buffer is made large (SO_RCVBUFFORCE, else SO_RCVBUF) so this is rare, and when it
   happens the events held for the current batch are dropped and a ``Resync`` carrying a full
@@ -453,6 +459,8 @@ class Watcher:
         self._subscribers: list[MemoryObjectSendStream[Item]] = []
         self._callbacks: list[Callback] = []
         self._immediate: list[Callable[[Sequence[Event]], None]] = []
+        self._wanted: list[Callable[[], bool]] = []  # whether each needs events at once
+        self._poked = anyio.Event()
         self._waiters: set[_LinkWaiter] = set()
         self._running = anyio.Event()
         self.batches = 0
@@ -483,10 +491,28 @@ class Watcher:
         """Call ``callback(item)`` on every delivery, synchronously; it must not block."""
         self._callbacks.append(callback)
 
-    def add_immediate_callback(self, callback: Callable[[Sequence[Event]], None]) -> None:
+    def add_immediate_callback(
+        self,
+        callback: Callable[[Sequence[Event]], None],
+        wanted: Callable[[], bool] | None = None,
+    ) -> Callable[[], None]:
         """Call ``callback(events)`` as events are read, before the coalescing window, with
-        no Resync (a consumer must not depend on it alone); it must not block."""
+        no Resync (a consumer must not depend on it alone); it must not block.
+
+        With ``wanted``, events are read at once only while ``wanted()`` is true (otherwise at
+        the end of the window, still before the batch is delivered): call the returned
+        ``poke`` when it becomes true, so that a reader sleeping out a window reads now.
+        """
         self._immediate.append(callback)
+        self._wanted.append(wanted if wanted is not None else (lambda: True))
+        return self.poke
+
+    def poke(self) -> None:
+        """Make a reader sleeping out a window read what the socket holds now."""
+        self._poked.set()
+
+    def _urgent(self) -> bool:
+        return bool(self._waiters) or any(wanted() for wanted in self._wanted)
 
     async def wait_link(self, mac: str, timeout: float) -> LinkEvent:
         """Return the link whose MAC is ``mac``, waiting up to ``timeout`` s for it to appear.
@@ -499,6 +525,7 @@ class Watcher:
                 await self._running.wait()
                 # Registered before the dump: a link made meanwhile is seen by one or the other.
                 self._waiters.add(waiter)
+                self.poke()
                 for link in (await self.dump(links=True)).links:
                     if link.mac == waiter.mac:
                         return link
@@ -621,15 +648,21 @@ class Watcher:
 
     async def _read_loop(self, sock: socket.socket) -> None:
         pending: list[Event] = []
-        deadline = math.inf
+        deadline = math.inf  # when the open window closes (inf: none open)
         while True:
-            if pending:
+            if deadline == math.inf:
+                await anyio.wait_readable(sock)  # the first datagram opens a window
+                deadline = anyio.current_time() + self.window
+            elif self._urgent():
                 with anyio.move_on_after(deadline - anyio.current_time()):
                     await anyio.wait_readable(sock)
-            else:
-                await anyio.wait_readable(sock)
-            overrun = self._drain(sock, pending)
-            if overrun:
+            else:  # lazy: sleep the window out, unless someone starts needing events now
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await self._poked.wait()
+            if self._poked.is_set():
+                self._poked = anyio.Event()
+            closing = anyio.current_time() >= deadline
+            if (closing or self._urgent()) and self._drain(sock, pending):
                 self.overruns += 1
                 log.warning(
                     "netlink receive buffer overrun; resyncing",
@@ -639,15 +672,14 @@ class Watcher:
                 deadline = math.inf
                 await self._publish(await self._full_dump("overrun"))
                 continue
-            if pending and deadline == math.inf:
-                deadline = anyio.current_time() + self.window
-            if pending and (len(pending) >= self.max_batch or anyio.current_time() >= deadline):
-                batch = Batch(events=tuple(pending))
-                pending = []
+            if closing or len(pending) >= self.max_batch:
                 deadline = math.inf
-                self.batches += 1
-                self.events += len(batch.events)
-                await self._publish(batch)
+                if pending:
+                    batch = Batch(events=tuple(pending))
+                    pending = []
+                    self.batches += 1
+                    self.events += len(batch.events)
+                    await self._publish(batch)
 
     def _drain(self, sock: socket.socket, pending: list[Event]) -> bool:
         """Read what the socket holds into ``pending``; return True on overrun (ENOBUFS)."""

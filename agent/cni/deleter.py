@@ -24,7 +24,7 @@ the pod's netns holds nothing of ours and the names are free again. So:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import anyio
@@ -87,6 +87,9 @@ class LinkDeleter:
         self._running = False
         self.rounds = 0
         self.links = 0
+        # Set by whoever feeds ``on_events`` (the watcher's poke): called when a round starts
+        # waiting for its broadcasts, so that a watcher sleeping out a window reads them now.
+        self.poke: Callable[[], None] = lambda: None
 
     def __repr__(self) -> str:
         return (
@@ -120,6 +123,10 @@ class LinkDeleter:
         entry = self._inflight.get(name)
         if entry is not None:
             await entry.gone.wait()
+
+    def wanted(self) -> bool:
+        """Whether a round waits for its links' RTM_DELLINK (the watcher reads at once then)."""
+        return any(r.by_index for r in self._rounds)
 
     def on_events(self, events: Sequence[Event]) -> None:
         """Watcher callback, called as events are read: settle links whose deletion was seen."""
@@ -217,6 +224,7 @@ class LinkDeleter:
         by_name = {e.name: e for e in batch}
         round_.by_index = {index: by_name[name] for name, index in parked.items()}
         self._rounds.append(round_)
+        self.poke()
         self.rounds += 1
         self.links += len(parked)
         error: Exception | None = None

@@ -282,3 +282,45 @@ async def test_a_removed_tc_program_is_reported_and_a_deleted_link_is_not(
     assert removed == TcEvent(kind="del", index=index, parent=0xFFFFFFF1)
     events = [e for item in seen + more if isinstance(item, Batch) for e in item.events]
     assert gone in events and [e for e in events if isinstance(e, TcEvent)] == [removed]
+
+
+async def test_a_lazy_window_is_read_at_once_when_someone_needs_events(
+    make_netns: MakeNetns,
+) -> None:
+    # A window that never closes by itself: whatever is read here was read because someone
+    # needed it (a wanted immediate callback, poked; a link waiter).
+    ns = make_netns("watchlazy")
+    async with watching(ns, window=3600.0) as (watcher, _):
+        seen: list[str] = []
+        want = [False]
+        poke = watcher.add_immediate_callback(
+            lambda events: seen.extend(e.name for e in events if isinstance(e, LinkEvent)),
+            wanted=lambda: want[0],
+        )
+        await ip(ns, "link", "add", "lazy0", "type", "veth", "peer", "name", "lazy1")
+        await anyio.sleep(0.2)  # a chance to read, which a lazy window does not take
+        assert seen == []
+        want[0] = True
+        poke()
+        with anyio.fail_after(WAIT):
+            while "lazy0" not in seen:
+                await anyio.sleep(0.01)
+        want[0] = False
+        await ip(ns, "link", "add", "lazy2", "type", "veth", "peer", "name", "lazy3")
+        await anyio.sleep(0.2)
+        assert "lazy2" not in seen
+        # a link waiter registering while the window sleeps is served at once (its own poke)
+        result: list[LinkEvent] = []
+
+        async def wait_after() -> None:
+            result.append(await watcher.wait_link(mac="02:cc:00:00:00:04", timeout=WAIT))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_after)
+            with anyio.fail_after(WAIT):
+                while not watcher._waiters:  # registered and looking: the link comes later
+                    await anyio.sleep(0.01)
+            await ip(ns, "link", "add", "lazy4", "address", "02:cc:00:00:00:04", "type", "veth",
+                     "peer", "name", "lazy5")  # fmt: skip
+        assert result[0].name == "lazy4"
+        assert "lazy2" in seen  # read with the waiter's events, in kernel order

@@ -164,3 +164,20 @@ async def test_without_the_loop_a_delete_runs_its_own_round(
     deleter = LinkDeleter(kernel)
     await deleter.delete(["a"])
     assert not kernel.links and len(kernel.rounds) == 1
+
+
+async def test_a_round_pokes_the_watcher_and_wants_events_only_while_it_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = FakeKernel(["a"])
+    deleter = LinkDeleter(kernel)
+    kernel.broadcast = deleter
+    pokes: list[bool] = []
+    deleter.poke = lambda: pokes.append(deleter.wanted())
+    assert not deleter.wanted()
+    async with trio.open_nursery() as n:
+        await n.start(deleter.run)
+        await deleter.delete(["a"])
+        assert pokes == [True]  # poked once the round waits for its broadcast
+        assert not deleter.wanted()
+        n.cancel_scope.cancel()
