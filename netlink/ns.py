@@ -90,8 +90,10 @@ def current_netns_fd() -> int:
 def entered(fd: int) -> Iterator[None]:
     """Run the body with the calling thread inside the namespace ``fd``; switch back after.
 
-    Only for worker threads (``anyio.to_thread.run_sync``): the event loop's thread must never
-    change namespace. If switching back fails the thread is unusable, so that is fatal.
+    For worker threads (``anyio.to_thread.run_sync``). The event loop's thread may enter only
+    for a body that never awaits (``Datapath.wire`` opening its pod-side socket): no other task
+    may run while it is elsewhere. If switching back fails the thread is unusable, so that is
+    fatal.
     """
     home = current_netns_fd()
     try:
