@@ -137,6 +137,7 @@ class Node:
             ],
             check=True,
             capture_output=True,
+            env={**os.environ, **(env or {})},  # another checkout's agent installs its plugin
         )
         self.conflist = json.loads((self.conf_dir / "10-podwire.conflist").read_text())
         self.env = {**os.environ, **(env or {})}
