@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import shutil
@@ -155,10 +156,16 @@ class Pods:
 
     def __init__(self) -> None:
         self.made: list[Netns] = []
+        self._count = itertools.count()
 
     def fresh(self, n: int) -> list[Netns]:
-        batch = [Netns(unique_name("bp")) for _ in range(n)]
-        self.made.extend(batch)
+        # A run makes thousands of names: 6 random hex digits alone collided with a live one
+        # (ip netns add: File exists), hence the counter. Each is recorded as it is made, so a
+        # failure half way through a batch leaves none behind.
+        batch: list[Netns] = []
+        for _ in range(n):
+            batch.append(Netns(f"{unique_name('bp')}{next(self._count):x}"))
+            self.made.append(batch[-1])
         return batch
 
     def close(self) -> None:
