@@ -4,13 +4,15 @@ Each call runs netlink.veth.Datapath in a worker thread (setns switches only tha
 ``abandon_on_cancel`` stays off, so a cancelled caller still waits for the kernel work to
 finish and never leaves it half done behind its back.
 
-One exception: an ordinary pod's ``wire`` while no other call is in flight runs on the calling
-(event loop) thread. The hand-off to a worker and back cost ~0.6 ms of a ~2.5 ms wire phase
-here (the worker's wake-up and the GIL going back and forth), against ~1.2 ms of kernel work
-that blocks the loop instead; with a call in flight (a burst, a deletion round, a branch pod's
-longer wiring) the kernel may hold rtnl for another request, so it goes to a worker as before.
-The loop thread enters the pod's namespace only to open a socket there, with no await inside
-(``netlink.ns.entered``).
+Two exceptions run on the calling (event loop) thread while no other call is in flight: an
+ordinary pod's ``wire``, and ``park_links`` (a deletion round's first half: links moved into
+its group, a few hundred microseconds of kernel work). The hand-off to a worker and back cost
+~0.6 ms of a ~2.5 ms wire phase here (the worker's wake-up and the GIL going back and forth),
+against ~1.2 ms of kernel work that blocks the loop instead. With a call in flight (a burst, a
+round waiting for RCU, a branch pod's longer wiring) the kernel may hold rtnl for another
+request, so they go to a worker as before; the group deletion itself, which waits ~15-20 ms
+for RCU, always does. The loop thread enters the pod's namespace only to open a socket there,
+with no await inside (``netlink.ns.entered``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ThreadedDatapath:
     async def park_links(
         self, names: list[str], group: int
     ) -> tuple[dict[str, int], dict[str, RequestFailed]]:
+        if self._limiter.borrowed_tokens == 0:
+            return self._dp.park_links(names, group=group)  # see the module docstring
         return await anyio.to_thread.run_sync(
             partial(self._dp.park_links, names, group=group), limiter=self._limiter
         )

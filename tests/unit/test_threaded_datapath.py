@@ -1,11 +1,11 @@
-"""Where ThreadedDatapath runs each call: an ordinary pod's wire inline when nothing else is in
-flight, everything else (and a wire during another call) on a worker thread."""
+"""Where ThreadedDatapath runs each call: an ordinary pod's wire and a round's parking inline
+when nothing else is in flight, everything else (and those during another call) on a worker."""
 
 from __future__ import annotations
 
 import threading
 from ipaddress import IPv4Address
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import attrs
@@ -32,6 +32,10 @@ class Recorder:
         self.threads.append(threading.current_thread())
         return WiredPod(pod_mac="m", host_mac="h", pod_ifindex=2, host_ifindex=3)
 
+    def park_links(self, names: list[str], *, group: int) -> tuple[dict[str, int], dict[str, Any]]:
+        self.threads.append(threading.current_thread())
+        return {n: 7 for n in names}, {}
+
     def host_veths(self) -> dict[str, int]:
         self.entered.set()
         assert self.release.wait(30)
@@ -57,3 +61,17 @@ async def test_wire_runs_inline_only_while_nothing_else_is_in_flight() -> None:
     assert rec.threads[-1] is not here
     await dp.wire(POD)
     assert rec.threads[-1] is here
+
+
+async def test_parking_runs_inline_only_while_nothing_else_is_in_flight() -> None:
+    rec = Recorder()
+    dp = ThreadedDatapath(cast(Datapath, rec))
+    here = threading.current_thread()
+    assert await dp.park_links(["pwv1"], 5) == ({"pwv1": 7}, {})
+    assert rec.threads == [here]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dp.host_veths)
+        await anyio.to_thread.run_sync(rec.entered.wait, 30)
+        await dp.park_links(["pwv2"], 5)
+        rec.release.set()
+    assert rec.threads[-1] is not here
