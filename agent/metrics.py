@@ -252,6 +252,7 @@ class Metrics:
         )
         for verb in CNI_VERBS:  # every verb's histogram exists from the start, at zero
             self.cni_duration.labels(verb)
+        self._phase_children: dict[tuple[str, str], Histogram] = {}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -262,7 +263,12 @@ class Metrics:
 
     def observe_phase(self, verb: str, phase: str, seconds: float) -> None:
         """One phase of one CNI request (agent/trace.py)."""
-        self.cni_phase.labels(verb, phase).observe(seconds)
+        # ~10 phases a request: the labelled child is looked up once (labels() takes a lock and
+        # validates every time)
+        child = self._phase_children.get((verb, phase))
+        if child is None:
+            child = self._phase_children[(verb, phase)] = self.cni_phase.labels(verb, phase)
+        child.observe(seconds)
 
     def ec2_call(self, action: str, outcome: str, seconds: float) -> None:
         """One EC2 call (``action`` like "AssignPrivateIpAddresses") and how it ended."""

@@ -415,9 +415,15 @@ async def _converse(
     limits: Limits,
 ) -> None:
     async def send(data: bytes) -> None:
-        # A client that does not take its reply is as slow as one that does not send.
-        with anyio.fail_after(limits.read_timeout):
-            await conn.send(data)
+        # A reply usually fits the socket buffer: sent at once, with no deadline to set up.
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            # A client that does not take its reply is as slow as one that does not send.
+            with anyio.fail_after(limits.read_timeout):
+                await conn.send(data[sent:])
 
     peer = _peer_of(conn.sock)
     decoder = LineDecoder()
