@@ -98,8 +98,7 @@ class KeyLocks:
 
     @asynccontextmanager
     async def hold(self, key: PodKey) -> AsyncIterator[None]:
-        # fast_acquire: a free lock (nearly always) is taken without a trip through the loop
-        lock, users = self._locks.get(key) or (anyio.Lock(fast_acquire=True), 0)
+        lock, users = self._locks.get(key) or (anyio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
