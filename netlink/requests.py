@@ -221,7 +221,7 @@ def link_from_bytes(raw: bytes) -> Link:
         index=index,
         flags=flags,
         name=_text(a.get(IFLA_IFNAME)),
-        mac=":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")),
+        mac=a.get(IFLA_ADDRESS, b"").hex(":"),
         mtu=_U32.unpack_from(mtu)[0] if mtu is not None and len(mtu) >= 4 else 0,
         peer_index=_U32.unpack_from(peer)[0] if peer is not None and len(peer) >= 4 else None,
         kind=kind,

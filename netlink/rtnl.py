@@ -145,7 +145,7 @@ class Request:
 class Reply:
     """The kernel's answer to one request: ``error`` 0 or a positive errno, the extended-ack
     text, the decoded data messages (a dump's, or a GET's), and the raw link messages of a
-    ``raw`` request (each slimmed to its ``keep`` attributes, header included)."""
+    ``raw`` request (header included; ``only_link`` reads only what it needs)."""
 
     error: int
     detail: str
@@ -253,7 +253,7 @@ class Collector:
                     if not match or data.find(match, offset, offset + size) >= 0:
                         keep = self._keeps[index]
                         if keep and mtype == RTM_NEWLINK and self._raws[index]:
-                            self._links[index].append(slim_link(data[offset : offset + size], keep))
+                            self._links[index].append(data[offset : offset + size])
                             offset += (size + 3) & ~3
                             continue
                         if keep and mtype == RTM_NEWLINK:

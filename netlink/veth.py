@@ -168,7 +168,7 @@ class WiredPod:
 def _random_mac() -> str:
     raw = bytearray(os.urandom(6))
     raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
-    return ":".join(f"{b:02x}" for b in raw)
+    return raw.hex(":")
 
 
 def _rule_reqs(pod: PodNet, mtype: int, flags: int) -> list[Request]:

@@ -278,7 +278,7 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
             kind=kind,
             index=index,
             name=_text(a.get(IFLA_IFNAME)),
-            mac=":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")),
+            mac=a.get(IFLA_ADDRESS, b"").hex(":"),
             up=bool(flags & _IFF_UP),
             kind_of_link=_text(_attrs(info, 0).get(IFLA_INFO_KIND)) if info else "",
         )
