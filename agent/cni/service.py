@@ -67,6 +67,7 @@ class SgHook(Protocol):
     from its set's group of the pool (then it is wired like any pod of a secondary ENI)."""
 
     async def lease(self, req: CniRequest) -> tuple[Lease, SgAttachment | SetMembership] | None: ...
+    def settled(self) -> None: ...
     def release(self, alloc: Allocation) -> None: ...
     def branch_link(self, alloc: Allocation) -> BranchLink | None: ...
     def records(self) -> list[BranchRecord]: ...
@@ -232,6 +233,13 @@ class CniService:
 
     async def add(self, req: CniRequest) -> dict[str, Any]:
         """Wire the pod and return the ADD result in the config's version; raises CniError."""
+        try:
+            return await self._add(req)
+        finally:
+            if self.sg is not None:
+                self.sg.settled()  # work this ADD's lease made wait for it (eni mode's top-up)
+
+    async def _add(self, req: CniRequest) -> dict[str, Any]:
         key = req.key
         if self.datapath.is_node_netns(req.netns):
             raise CniError(INVALID_ENV, "CNI_NETNS is the node's own network namespace", req.netns)

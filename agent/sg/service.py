@@ -648,6 +648,11 @@ class SgService:
             self.on_change()
         return Lease(ip=ip, owner=att.branch, table=None if att.strict else table_of(att.vlan))
 
+    def settled(self) -> None:
+        """The CNI service's ADD answered: eni mode tops up a set's margin it took."""
+        if self.sets is not None:
+            self.sets.settled()
+
     def release(self, alloc: Allocation) -> None:
         """The pod is gone: its agent-made branch cools down (the caller commits)."""
         att = alloc.sg

@@ -180,6 +180,27 @@ async def test_pods_of_one_set_share_an_eni_made_with_exactly_their_groups(
         tg.cancel_scope.cancel()
 
 
+async def test_the_margin_an_add_takes_is_topped_up_once_that_add_has_answered(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as tg:
+        await start(node, tg)
+        await node.cni.add(req("ADD", "app1", APP))
+        await trio.sleep(1)  # the set and its margin of one are there
+        eni = next(e for e in node.cloud.enis() if e.pod_groups)
+        node.dp.wire_delay = 0.5
+        started = trio.current_time()
+        await node.cni.add(req("ADD", "app2", APP))  # takes the margin
+        answered = trio.current_time()
+        assert answered - started >= 0.5
+        await trio.sleep(1)
+        (topup,) = [c for c in node.cloud.ops("assign_ips") if c.args[0] == eni.eni_id]
+        # the top-up's EC2 call never runs beside the ADD that caused it
+        assert topup.at >= answered
+        assert topup.at - answered < 0.1  # ... but at once after it, not at the next tick
+        tg.cancel_scope.cancel()
+
+
 async def test_the_last_pod_of_a_set_leaves_and_its_eni_goes_after_the_cooldown(
     node: Node, autojump_clock: trio.testing.MockClock
 ) -> None:
