@@ -323,7 +323,7 @@ def test_chained_portmap_and_bandwidth_consume_our_result() -> None:
         assert prev is not None and prev["ips"][0]["address"].endswith("/32")
         ip = prev["ips"][0]["address"].split("/")[0]
         nat = node.netns.run("iptables-save", "-t", "nat").stdout
-        assert "18080" in nat and ip in nat  # portmap used our address
+        assert "--dport 18080" in nat and ip in nat  # portmap used our address
         host_veth = prev["interfaces"][0]["name"]
         assert (
             "tbf" in node.netns.run("tc", "qdisc", "show", "dev", host_veth).stdout
@@ -340,7 +340,7 @@ def test_chained_portmap_and_bandwidth_consume_our_result() -> None:
             }
             r = node.cni("DEL", pod.name, pod.path, conf=conf, plugin=plugin["type"])
             assert r.code == 0, (plugin["type"], r)
-        assert "18080" not in node.netns.run("iptables-save", "-t", "nat").stdout
+        assert "--dport 18080" not in node.netns.run("iptables-save", "-t", "nat").stdout
         assert not allocated(node) and not leaked_veths(node)
 
 
