@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import attrs
 
@@ -95,6 +95,24 @@ def _ours(iifname: str) -> bool:
     return iifname.startswith(VLAN_LINK_PREFIX) or iifname.startswith(HOST_VETH_PREFIXES)
 
 
+T = TypeVar("T")
+
+
+def _due(
+    candidates: Iterable[T], sightings: Mapping[T, float], now: float, grace: float
+) -> tuple[list[T], dict[T, float]]:
+    """The candidates first seen at least ``grace`` ago, and the others with when they were
+    first seen (now, for the new ones)."""
+    due, seen = [], {}
+    for c in candidates:
+        first = sightings.get(c, now)
+        if now - first >= grace:
+            due.append(c)
+        else:
+            seen[c] = first
+    return due, seen
+
+
 def plan(
     owned: Owned,
     obs: SgObservations,
@@ -103,33 +121,18 @@ def plan(
     sightings: SgSightings = SgSightings(),
 ) -> SgGcPlan:
     """Decide what to collect now; pure."""
-    links, seen_links = [], {}
-    for name in sorted(obs.links):
-        if name in owned.links:
-            continue
-        first = sightings.links.get(name, now)
-        if now - first >= grace:
-            links.append(name)
-        else:
-            seen_links[name] = first
-    rules, seen_rules = [], {}
-    for rule in obs.rules:
-        if rule in owned.rules or not _ours(rule.iifname):
-            continue
-        first = sightings.rules.get(rule, now)
-        if now - first >= grace:
-            rules.append(rule)
-        else:
-            seen_rules[rule] = first
-    chains, seen_chains = [], {}
-    for chain in sorted(obs.chains):
-        if chain in owned.chains:
-            continue
-        first = sightings.chains.get(chain, now)
-        if now - first >= grace:
-            chains.append(chain)
-        else:
-            seen_chains[chain] = first
+    links, seen_links = _due(
+        (n for n in sorted(obs.links) if n not in owned.links), sightings.links, now, grace
+    )
+    rules, seen_rules = _due(
+        (r for r in obs.rules if r not in owned.rules and _ours(r.iifname)),
+        sightings.rules,
+        now,
+        grace,
+    )
+    chains, seen_chains = _due(
+        (c for c in sorted(obs.chains) if c not in owned.chains), sightings.chains, now, grace
+    )
     return SgGcPlan(
         links=tuple(links),
         rules=tuple(rules),
