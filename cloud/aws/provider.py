@@ -237,6 +237,15 @@ def parse_rfc3339(text: str) -> float | None:
 # --- the provider ---------------------------------------------------------------------------
 
 
+@attrs.define
+class _Attaching:
+    """How far attaching a new ENI got: the step an error names, the attachment the undo
+    detaches."""
+
+    step: str
+    attachment: str | None = None
+
+
 class AwsProvider:
     """``cloud.provider.Provider`` for ENIs, plus the workflows the refiller executes."""
 
@@ -439,9 +448,8 @@ class AwsProvider:
         EniSetupFailed for a kernel-side failure or the workflow's deadline.
         """
         inst = self.instance
-        step = "create"
+        at = _Attaching("create")
         eni: Eni | None = None
-        attachment: str | None = None
         spec: LinkSpec | None = None
         try:
             with anyio.fail_after(self.settings.workflow_deadline):
@@ -460,17 +468,8 @@ class AwsProvider:
                         ip_count=ip_count,
                         prefix_count=prefix_count,
                     )
-                    step = "device index"
-                    index = await self._free_device_index()
-                    step = "attach"
-                    attachment = await self.ec2.attach_network_interface(
-                        eni_id=eni.eni_id, instance_id=inst.instance_id, device_index=index
-                    )
-                    step = "delete on termination"
-                    await self.ec2.set_delete_on_termination(eni.eni_id, attachment)
-                    step = "wait for link"
-                    await self.link_waiter.wait_link(eni.mac, self.settings.link_timeout)
-                    step = "configure link"
+                    index = await self._attach_new(eni, at)
+                    at.step = "configure link"
                     subnet = await self._subnet(eni.subnet_id)
                     rec = EniInfo(
                         eni_id=eni.eni_id,
@@ -482,7 +481,7 @@ class AwsProvider:
                         subnet_cidr=subnet.cidr,
                         primary_ip=eni.primary_ip,
                         table=table_of(index),
-                        attachment_id=attachment,
+                        attachment_id=at.attachment,
                         ips=eni.secondary_ips,
                         prefixes=eni.prefixes,
                         security_groups=eni.security_groups,
@@ -492,15 +491,31 @@ class AwsProvider:
                     await self.links.configure(spec)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
-                        await self._undo_create(eni, attachment, spec)
+                        await self._undo_create(eni, at.attachment, spec)
                     raise
         except CloudError:
             raise
         except Exception as e:
-            raise EniSetupFailed(step, eni.eni_id if eni else None, e) from e
+            raise EniSetupFailed(at.step, eni.eni_id if eni else None, e) from e
         self._enis[rec.eni_id] = rec
         log.info("ENI %s attached at device %d (%s)", rec.eni_id, rec.device_index, rec.mac)
         return rec.block()
+
+    async def _attach_new(self, eni: Eni, at: _Attaching) -> int:
+        """Attach a just-created ENI at a free device index, have EC2 delete it with the
+        instance, and wait for its link to appear; return the index. ``at`` follows each step
+        (the caller's error names it, its undo detaches what was attached)."""
+        at.step = "device index"
+        index = await self._free_device_index()
+        at.step = "attach"
+        at.attachment = await self.ec2.attach_network_interface(
+            eni_id=eni.eni_id, instance_id=self.instance.instance_id, device_index=index
+        )
+        at.step = "delete on termination"
+        await self.ec2.set_delete_on_termination(eni.eni_id, at.attachment)
+        at.step = "wait for link"
+        await self.link_waiter.wait_link(eni.mac, self.settings.link_timeout)
+        return index
 
     async def _undo_create(
         self, eni: Eni | None, attachment: str | None, spec: LinkSpec | None
@@ -527,9 +542,8 @@ class AwsProvider:
         is undone. Raises like ``create_eni``; LimitExceeded when no device index is free.
         """
         inst = self.instance
-        step = "create"
+        at = _Attaching("create")
         eni: Eni | None = None
-        attachment: str | None = None
         try:
             with anyio.fail_after(self.settings.workflow_deadline):
                 try:
@@ -540,27 +554,18 @@ class AwsProvider:
                         tags=self._node_tags(),
                         interface_type="trunk",
                     )
-                    step = "device index"
-                    index = await self._free_device_index()
-                    step = "attach"
-                    attachment = await self.ec2.attach_network_interface(
-                        eni_id=eni.eni_id, instance_id=inst.instance_id, device_index=index
-                    )
-                    step = "delete on termination"
-                    await self.ec2.set_delete_on_termination(eni.eni_id, attachment)
-                    step = "wait for link"
-                    await self.link_waiter.wait_link(eni.mac, self.settings.link_timeout)
-                    step = "configure link"
+                    index = await self._attach_new(eni, at)
+                    at.step = "configure link"
                     await self.links.configure_trunk(eni.mac, self.settings.mtu)
                     subnet = await self._subnet(eni.subnet_id)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
-                        await self._undo_create(eni, attachment, None)
+                        await self._undo_create(eni, at.attachment, None)
                     raise
         except CloudError:
             raise
         except Exception as e:
-            raise EniSetupFailed(step, eni.eni_id if eni else None, e) from e
+            raise EniSetupFailed(at.step, eni.eni_id if eni else None, e) from e
         rec = EniInfo(
             eni_id=eni.eni_id,
             device_index=index,
@@ -571,7 +576,7 @@ class AwsProvider:
             subnet_cidr=subnet.cidr,
             primary_ip=eni.primary_ip,
             table=None,
-            attachment_id=attachment,
+            attachment_id=at.attachment,
             trunk=True,
             security_groups=eni.security_groups,
         )
