@@ -30,13 +30,13 @@ from typing import Any
 
 import boto3
 
+from bench.aws_pool import CREDS
 from bench.datapath import iperf
 from cloud.emulator import Vpc
 from tests.harness import Node
 from tests.netns import Netns
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 
 
 def pct(values: list[float], q: float) -> float:

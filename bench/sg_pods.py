@@ -28,29 +28,18 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import boto3
 
+from bench.aws_pool import CREDS, summary
 from cloud.aws.ec2 import EC2_ACTIONS_USED as ACTIONS
 from cloud.emulator import Vpc
 from tests.harness import CniResult, Node
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "min": ordered[0],
-        "p50": statistics.median(ordered),
-        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
-        "max": ordered[-1],
-    }
 
 
 def sg_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, cooldown: float) -> Node:
@@ -69,8 +58,7 @@ def sg_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, cooldown: float
         cooldown=0.0,
         tag=tag,
         extra_config=(
-            "[security_groups]\nenabled = true\n"
-            f"branch_cooldown = {cooldown}\nbranch_wait = 20.0\n"
+            f"[security_groups]\nenabled = true\nbranch_cooldown = {cooldown}\nbranch_wait = 20.0\n"
         ),
     )
     node.start(timeout=60)
