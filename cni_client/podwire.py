@@ -4,7 +4,7 @@
 One file, standard library only; installed by ``podwire-agent install-cni`` with an absolute
 interpreter in the shebang. Its start-up is the product's headline latency, so the success path
 imports nothing but ``_socket`` (a built-in module: ~0 ms, where ``json`` and ``socket`` cost
-~6 ms each here): the request is assembled from bytes — the network config from stdin is passed
+~6 ms each here, and ``os`` ~1.1 ms: ``posix`` serves instead): the request is assembled from bytes — the network config from stdin is passed
 through as is — and the result is sliced out of the agent's canonical reply
 (``{"id":1,"result":...}``) without parsing it. ``json`` is imported only on error paths.
 
@@ -16,7 +16,7 @@ CNI error JSON on stdout, never a traceback.
 """
 
 import _socket
-import os
+import posix  # not os: posix is built in and loaded at start, os costs ~1.1 ms of imports here
 import sys
 import time  # built in and already loaded by the interpreter: costs nothing
 
@@ -27,6 +27,7 @@ DEFAULT_SOCKET = "/run/podwire/agent.sock"
 DEFAULT_SPOOL = "/run/podwire/spool"
 TIMEOUT = 45.0  # above the agent's own per-request deadline (30 s by default)
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+ENV_KEYS_BYTES = tuple(k.encode() for k in ENV_KEYS)
 METHODS = {"ADD": b"cni.add", "DEL": b"cni.del", "CHECK": b"cni.check", "STATUS": b"cni.status",
            "GC": b"cni.gc"}
 REPLY_PREFIX = b'{"id":1,"result":'
@@ -135,6 +136,7 @@ def _error(conf, code, msg, details=""):
 
 def _spool(conf, env_json, spool_dir):
     """Record a DEL for the agent to replay at start: temp file, fsync, rename."""
+    import os
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     name = f"del-{os.getpid()}-{int.from_bytes(os.urandom(6), 'big')}"
     tmp = os.path.join(spool_dir, "." + name)
@@ -218,10 +220,17 @@ def _read_stdin():
         return b""
 
 
+def _environ():
+    """The CNI variables, decoded as ``os.environ`` would decode them."""
+    env = posix.environ
+    return {k: env[b].decode("utf-8", "surrogateescape")
+            for k, b in zip(ENV_KEYS, ENV_KEYS_BYTES) if b in env}
+
+
 def main():
     conf = _read_stdin()
     try:
-        code, out = run(os.environ, conf)
+        code, out = run(_environ(), conf)
     except Exception as e:  # never a traceback instead of CNI error JSON
         try:
             code, out = _error(conf, 999, "podwire plugin failed", f"{type(e).__name__}: {e}")
@@ -235,4 +244,4 @@ def main():
 
 if __name__ == "__main__":
     # Output is written and flushed: skip the interpreter's teardown (~1.5 ms here).
-    os._exit(main())
+    posix._exit(main())

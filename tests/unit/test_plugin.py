@@ -220,3 +220,28 @@ def test_a_frame_decode_error_names_the_place_in_the_users_config(tmp_path: Path
     doc = json.loads(out)
     assert got and (code, doc["code"]) == (1, 6)
     assert doc["details"].endswith(f"line 7 column 8 (char {raw.index(b'nope')})")
+
+
+def test_an_add_that_succeeds_imports_nothing_the_interpreter_had_not_loaded(
+    tmp_path: Path,
+) -> None:
+    # The plugin's start-up is the product's headline latency: on the success path it may import
+    # only what `python3 -IS` has loaded before any script runs, and the built-in _socket.
+    def imported(argv: list[str], env: dict[str, str], stdin: bytes) -> set[str]:
+        done = subprocess.run(
+            [sys.executable, "-IS", "-X", "importtime", *argv],
+            env={"PATH": "/usr/bin:/bin", **env},
+            input=stdin,
+            capture_output=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr[-500:]
+        lines = done.stderr.decode().splitlines()
+        return {ln.rsplit("|", 1)[1].strip() for ln in lines if ln.startswith("import time:")}
+
+    at_start = imported(["-c", "pass"], {}, b"")
+    got = serve_once(tmp_path / "agent.sock", b'{"id":1,"result":{"cniVersion":"1.0.0"}}\n')
+    env = {**ENV, "CNI_ARGS": "K8S_POD_NAME=x"}
+    plugin = imported([str(PLUGIN)], env, conf(tmp_path))
+    assert got and json.loads(got[0])["params"]["env"] == env
+    assert plugin - at_start == {"_socket"}
