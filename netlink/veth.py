@@ -92,6 +92,7 @@ from netlink.requests import (
     dellink,
     getlink,
     is_route,
+    link_from_bytes,
     link_msg,
     link_up,
     only_link,
@@ -807,9 +808,13 @@ class Datapath:
         ifindex."""
         query = link_msg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}))
         found: dict[str, int] = {}
-        links = Request("links", RTM_GETLINK, DUMP, query, keep=LINK_KEEP)
-        for msg in self._host().dump(links):
-            link = parse_link(msg)
+        # raw: a node's hundreds of links decoded with struct, not pyroute2 (~10x the CPU)
+        links = Request("links", RTM_GETLINK, DUMP, query, keep=LINK_KEEP, raw=True)
+        reply = self._host().one(links)
+        if reply.error:
+            raise reply.failure(links.op)
+        for raw in reply.links:
+            link = link_from_bytes(raw)
             if link.name.startswith(HOST_VETH_PREFIXES):
                 found[link.name] = link.index
         return found
