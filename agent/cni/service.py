@@ -159,10 +159,11 @@ class CniService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
+        now = self.clock()
         return snapshot_of(
             self.allocations.values(),
-            self.pool.cooling_items(),
-            self.clock(),
+            self.pool.cooling_items(now),  # not the ended cooldowns: a DEL burst's O(n^2)
+            now,
             self.sg.records() if self.sg is not None else (),
         )
 

@@ -326,7 +326,11 @@ class IpPool:
     def holder(self, ip: IPv4Address) -> PodKey | None:
         return self._assigned.get(ip)
 
-    def cooling_items(self) -> list[tuple[IPv4Address, float]]:
+    def cooling_items(self, now: float | None = None) -> list[tuple[IPv4Address, float]]:
+        """(address, released at) of every cooling address; those whose cooldown has ended
+        by ``now`` are freed first when it is given."""
+        if now is not None:
+            self._thaw(now)
         return list(self._cooling.items())
 
     def next_free_in(self, now: float, *, group: str = SHARED) -> float | None:
