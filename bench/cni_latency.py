@@ -11,6 +11,10 @@ one is followed by the same call of the others, and the parallel bursts alternat
 plugin, over several rounds; the ratios compare figures taken under the same load. Sequential
 figures pool every round's calls; burst wall times are the median over rounds.
 
+A fourth "plugin" takes its turns too: the plugin's own interpreter (its shebang line) running
+a script that exits at once. Nothing is faster than that with a Python plugin, so its column,
+and its ratio to ptp + host-local, is the floor any target must be read against.
+
 Also the agent's CPU time per ADD and per DEL (utime + stime over the sequential calls), its
 RSS with 250 pods, and the machine's load average. Writes bench/results/cni_latency.json.
 Needs root; touches only namespaces it makes.
@@ -295,13 +299,19 @@ def cpu_sample() -> list[int]:
 
 
 def table(results: dict[str, Any], pods: int) -> str:
-    tmp, ext, ref = (results[k] for k in ("podwire-tmpfs", "podwire-ext4", "reference"))
-    head = f"{'':<30}{'tmpfs':>9}{'ext4':>9}{'ptp+h-l':>9}{'ratio':>8}{'(ext4)':>8}   target"
+    tmp, ext, ref, floor = (
+        results[k] for k in ("podwire-tmpfs", "podwire-ext4", "reference", "floor")
+    )
+    head = (
+        f"{'':<30}{'tmpfs':>9}{'ext4':>9}{'ptp+h-l':>9}{'floor':>9}"
+        f"{'ratio':>8}{'(ext4)':>8}{'floor':>8}   target"
+    )
     lines = [head]
 
-    def row(name: str, a: float, b: float, r: float, target: str = "") -> None:
+    def row(name: str, a: float, b: float, r: float, f: float, target: str = "") -> None:
         lines.append(
-            f"{name:<30}{a:>9.1f}{b:>9.1f}{r:>9.1f}{a / r:>7.2f}x{b / r:>7.2f}x   {target}"
+            f"{name:<30}{a:>9.1f}{b:>9.1f}{r:>9.1f}{f:>9.1f}"
+            f"{a / r:>7.2f}x{b / r:>7.2f}x{f / r:>7.2f}x   {target}"
         )
 
     targets = {("add", "p50"): "<= 0.9x", ("add", "p95"): "<= 1.0x", ("del", "p50"): "<= 1.0x"}
@@ -313,13 +323,15 @@ def table(results: dict[str, Any], pods: int) -> str:
                 tmp[key][k],
                 ext[key][k],
                 ref[key][k],
+                floor[key][k],
                 targets.get((verb, k), ""),
             )
     for verb in ("add", "del"):
         for w in WIDTHS:
             key = f"{verb}_{w}"
             target = "<= 0.8x" if verb == "add" else ("<= 0.5x" if w == 32 else "")
-            row(f"{pods} {verb.upper()}s, {w} parallel (ms)", tmp[key], ext[key], ref[key], target)
+            name = f"{pods} {verb.upper()}s, {w} parallel (ms)"
+            row(name, tmp[key], ext[key], ref[key], floor[key], target)
     for verb in ("add", "del"):
         key = f"cpu_ms_per_{verb}"
         name = f"agent CPU per {verb.upper()} (ms)"
@@ -397,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
                 "/usr/lib/cni",
             )
         )
+        # The floor: the plugin's interpreter (its shebang) running a script that exits at once.
+        shebang = (nodes["podwire-tmpfs"].bin_dir / "podwire").read_bytes().split(b"\n", 1)[0]
+        floor = ref_dir / "python-floor"
+        floor.write_bytes(shebang + b"\nimport posix\nposix._exit(0)\n")
+        floor.chmod(0o755)
+        plugins.append(Plugin("floor", nodes["podwire-ext4"].netns, floor, ref_conf, ""))
         # warm every plugin (page cache, first-exec costs) before measuring
         measure(plugins, 5, 1)
         results: dict[str, Any] = {"pods": args.pods, "rounds": args.rounds, "cpus": os.cpu_count()}
@@ -420,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     load = results["load"]
     print(
         f"\nstate dir: tmpfs (agent's own mount namespace) and ext4 (this machine's /run); "
-        f"ratios against ptp + host-local\nload average {load['loadavg_before'][0]:.1f} -> "
+        "ratios against ptp + host-local; floor: the plugin's interpreter exiting at once\n"
+        f"load average {load['loadavg_before'][0]:.1f} -> "
         f"{load['loadavg_after'][0]:.1f}, machine {load['machine_busy']:.0%} busy over "
         f"{load['seconds']:.0f} s, {args.rounds} rounds of {args.pods} pods"
     )
