@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -217,10 +217,16 @@ class AgentApi:
                 },
             )
             raise RpcError(err.code, err.msg, err.details) from None
-        elapsed = time.perf_counter() - started
+        done = partial(self._succeeded, command, key, time.perf_counter() - started)
+        if timing is None:
+            done()
+        else:  # once the reply is on its way: the runtime need not wait for the log line
+            timing.on_replied = _and_then(timing.on_replied, done)
+        return result
+
+    def _succeeded(self, command: str, key: str, elapsed: float) -> None:
         self.metrics.observe_cni(command, 0, elapsed)
         log.info(command, extra={"key": key, "duration_ms": round(elapsed * 1000, 2)})
-        return result
 
     def status(self) -> dict[str, Any]:
         pool = self.cni.pool
@@ -287,3 +293,16 @@ class AgentApi:
         async with self.cni.events.subscribe(replay=replay) as events:
             async for event in events:
                 yield event
+
+
+def _and_then(
+    first: Callable[[int], None] | None, then: Callable[[], None]
+) -> Callable[[int], None]:
+    """``first(at)`` (when there is one), then ``then()``."""
+
+    def both(at: int) -> None:
+        if first is not None:
+            first(at)
+        then()
+
+    return both

@@ -94,7 +94,9 @@ class ServerStats:
 @attrs.define(kw_only=True)
 class RequestTiming:
     """When the request being handled was read, and (for the handler to learn) when its reply
-    was written: ``on_replied`` is called with that time. CLOCK_MONOTONIC nanoseconds."""
+    was written: ``on_replied`` is called with that time, once the reply is written or could
+    not be (the client gone): work the answer need not wait for goes there. CLOCK_MONOTONIC
+    nanoseconds."""
 
     received: int
     on_replied: Callable[[int], None] | None = None
@@ -469,8 +471,8 @@ async def _converse(
                 await dispatch(message, handler, peer, send, access=access, deadline=deadline)
             finally:
                 CURRENT_REQUEST.reset(token)
-            if timing.on_replied is not None:
-                timing.on_replied(time.monotonic_ns())
+                if timing.on_replied is not None:
+                    timing.on_replied(time.monotonic_ns())
     except TimeoutError:
         stats.connections_timed_out += 1  # the client did not take its reply
 

@@ -35,7 +35,7 @@ from rpc.errors import (
 )
 from rpc.framing import NEED_DATA, LineDecoder, encode, encode_error, encode_result
 from rpc.messages import Peer
-from rpc.server import Access, Limits, ServerStats, dispatch, serve
+from rpc.server import CURRENT_REQUEST, Access, Limits, ServerStats, dispatch, serve
 
 MUTATING = frozenset({"agent.gc"})
 
@@ -52,6 +52,7 @@ class Api:
     def __init__(self) -> None:
         self.released = anyio.Event()
         self.finished: list[str] = []
+        self.replied: list[str] = []  # methods whose on_replied was called
 
     async def __call__(self, method: str, params: dict[str, Any], peer: Peer) -> Any:
         match method:
@@ -68,6 +69,9 @@ class Api:
             case "opaque":
                 return object()
             case "wait":
+                timing = CURRENT_REQUEST.get()
+                assert timing is not None
+                timing.on_replied = lambda _: self.replied.append("wait")
                 await self.released.wait()
                 self.finished.append("wait")
                 return "released"
@@ -322,6 +326,7 @@ async def test_client_gone_mid_request_does_not_hurt_the_server(tmp_path: Path) 
             # The reply to "wait" goes to a closed socket; the connection task ends quietly.
             await anyio.wait_all_tasks_blocked()
             assert api.finished == ["wait"]
+            assert api.replied == ["wait"]  # told, though nobody took the reply
             assert stats.connections_active == 1
             assert await conn.call(2, "echo") == {"id": 2, "result": {}}
 

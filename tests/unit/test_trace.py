@@ -89,3 +89,39 @@ async def test_an_add_and_a_del_are_traced_phase_by_phase(tmp_path: Path) -> Non
     assert times == sorted(times)
     text = api.metrics.text().decode()
     assert 'podwire_cni_phase_seconds_count{command="ADD",phase="wire"} 1.0' in text
+
+
+@pytest.mark.anyio
+async def test_an_add_is_logged_and_counted_once_its_reply_is_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc, _ = service(tmp_path)
+    api = AgentApi(svc, Config())
+    env = {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "c1",
+        "CNI_NETNS": "/run/netns/p",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin",
+    }
+    counted = 'podwire_cni_requests_total{code="0",verb="ADD"} 1.0'
+
+    def logged() -> bool:
+        return any(r.getMessage() == "ADD" and r.levelname == "INFO" for r in caplog.records)
+
+    caplog.set_level("INFO", logger="podwire")
+    async with anyio.create_task_group() as tg:
+        await tg.start(svc.run)
+        await svc.restore(Snapshot())
+        timing = RequestTiming(received=time.monotonic_ns())
+        token = CURRENT_REQUEST.set(timing)
+        try:
+            result = await api("cni.add", {"env": env, "config": CONF}, None)  # type: ignore[arg-type]
+        finally:
+            CURRENT_REQUEST.reset(token)
+        assert result["ips"] and not logged() and counted not in api.metrics.text().decode()
+        assert timing.on_replied is not None
+        timing.on_replied(time.monotonic_ns())
+        tg.cancel_scope.cancel()
+    assert logged() and counted in api.metrics.text().decode()
+    assert api.traces.recent()[0]["marks"][-1][0] == "reply"  # the trace is finished too
