@@ -15,6 +15,7 @@ it makes.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import statistics
@@ -96,7 +97,9 @@ def until_pool(node: Node, ok: Any, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # no options: --help says what runs instead of running it
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     results: dict[str, Any] = {}
     with Vpc.start("10.0.0.0/16") as vpc:
         subnet = vpc.add_subnet("10.0.0.0/18")

@@ -25,6 +25,7 @@ eBPF: netlink/dot1q; bench/branch_link.py measures the datapath's own share).
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import functools
 import json
@@ -111,7 +112,9 @@ def branches_settled(node: Node, timeout: float = 120.0) -> None:
     raise TimeoutError("branches did not all go")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # no options: --help says what runs instead of running it
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     results: dict[str, Any] = {}
     with Vpc.start("10.0.0.0/16") as vpc:
         subnet = vpc.add_subnet("10.0.0.0/18")
