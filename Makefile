@@ -65,6 +65,7 @@ bench-emulator-sg: deps
 lint: deps
 	$(PY) -m pip install -q ruff mypy
 	$(VENV)/bin/ruff check agent rpc netlink cloud cni_client tests bench
+	$(VENV)/bin/ruff format --check agent rpc netlink cloud cni_client tests bench
 	$(VENV)/bin/mypy
 
 # Removes namespaces and links a crashed test or demo left behind (names start with pw-).

@@ -28,8 +28,13 @@ DEFAULT_SPOOL = "/run/podwire/spool"
 TIMEOUT = 45.0  # above the agent's own per-request deadline (30 s by default)
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 ENV_KEYS_BYTES = tuple(k.encode() for k in ENV_KEYS)
-METHODS = {"ADD": b"cni.add", "DEL": b"cni.del", "CHECK": b"cni.check", "STATUS": b"cni.status",
-           "GC": b"cni.gc"}
+METHODS = {
+    "ADD": b"cni.add",
+    "DEL": b"cni.del",
+    "CHECK": b"cni.check",
+    "STATUS": b"cni.status",
+    "GC": b"cni.gc",
+}
 REPLY_PREFIX = b'{"id":1,"result":'
 
 _ESCAPES = {0x22: '\\"', 0x5C: "\\\\", **{c: f"\\u{c:04x}" for c in range(0x20)}}
@@ -58,10 +63,11 @@ def _conf_str(conf, key):
     end = conf.find(b'"', i + 1)
     if end < 0:
         return None
-    raw = conf[i + 1:end]
+    raw = conf[i + 1 : end]
     if b"\\" in raw:
         try:
             import json
+
             value = json.loads(conf).get(key.decode())
             return value if isinstance(value, str) else None
         except (ValueError, AttributeError, RecursionError):
@@ -114,6 +120,7 @@ def _reply(s, send_error):
 def _parse_error(conf):
     """Return why ``conf`` is not a JSON object, in the user's own lines and columns, or None."""
     import json
+
     try:
         doc = json.loads(conf)
     except ValueError as e:
@@ -127,6 +134,7 @@ def _parse_error(conf):
 
 def _error(conf, code, msg, details=""):
     import json
+
     version = _conf_str(conf, b"cniVersion") or SUPPORTED[-1]
     doc = {"cniVersion": version, "code": code, "msg": msg}
     if details:
@@ -137,6 +145,7 @@ def _error(conf, code, msg, details=""):
 def _spool(conf, env_json, spool_dir):
     """Record a DEL for the agent to replay at start: temp file, fsync, rename."""
     import os
+
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     name = f"del-{os.getpid()}-{int.from_bytes(os.urandom(6), 'big')}"
     tmp = os.path.join(spool_dir, "." + name)
@@ -154,6 +163,7 @@ def run(environ, conf):
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
         import json
+
         want = _conf_str(conf, b"cniVersion")
         version = want if want in SUPPORTED else SUPPORTED[-1]
         doc = {"cniVersion": version, "supportedVersions": list(SUPPORTED)}
@@ -163,9 +173,11 @@ def run(environ, conf):
         if not command:
             return _error(conf, 4, "required env variables [CNI_COMMAND] missing")
         return _error(conf, 4, f"unknown CNI_COMMAND: {command}")
-    env_json = b"{" + b",".join(
-        _jstr(k) + b":" + _jstr(environ[k]) for k in ENV_KEYS if environ.get(k)
-    ) + b"}"
+    env_json = (
+        b"{"
+        + b",".join(_jstr(k) + b":" + _jstr(environ[k]) for k in ENV_KEYS if environ.get(k))
+        + b"}"
+    )
     # JSON text holds newlines only as whitespace, so flattening them keeps one frame per line.
     flat = conf.replace(b"\r", b" ").replace(b"\n", b" ").strip()
     if not flat.startswith(b"{"):
@@ -184,16 +196,18 @@ def run(environ, conf):
             try:
                 _spool(conf, env_json, _conf_str(conf, b"spoolDir") or DEFAULT_SPOOL)
             except OSError as spool_err:
-                return _error(conf, 5, "agent unreachable and DEL could not be spooled",
-                              f"{e}; {spool_err}")
+                return _error(
+                    conf, 5, "agent unreachable and DEL could not be spooled", f"{e}; {spool_err}"
+                )
             return 0, b""
         if command == "STATUS":
             return _error(conf, 50, "podwire-agent is not reachable", str(e))
         return _error(conf, 11, "podwire-agent is not reachable", str(e))
     if reply.startswith(REPLY_PREFIX) and reply.endswith(b"}\n"):
-        result = reply[len(REPLY_PREFIX):-2]
+        result = reply[len(REPLY_PREFIX) : -2]
         return 0, b"" if result == b"null" else result + b"\n"
     import json
+
     try:
         doc = json.loads(reply)
         err = doc["error"]
@@ -223,8 +237,11 @@ def _read_stdin():
 def _environ():
     """The CNI variables, decoded as ``os.environ`` would decode them."""
     env = posix.environ
-    return {k: env[b].decode("utf-8", "surrogateescape")
-            for k, b in zip(ENV_KEYS, ENV_KEYS_BYTES) if b in env}
+    return {
+        k: env[b].decode("utf-8", "surrogateescape")
+        for k, b in zip(ENV_KEYS, ENV_KEYS_BYTES)
+        if b in env
+    }
 
 
 def main():

@@ -154,6 +154,7 @@ class SnatService:
         the state still does not cover ``ip`` after ``timeout`` (a failing backend): the ADD
         goes on rather than failing on SNAT.
         """
+
         def applied() -> bool:
             return self.applied is not None and any(ip in n for n in self.applied.pod_cidrs)
 

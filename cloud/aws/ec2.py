@@ -566,9 +566,7 @@ class Ec2:
             "DisassociateTrunkInterface", AssociationId=association_id, ClientToken=client_token
         )
 
-    async def describe_trunk_interface_associations(
-        self, trunk_id: str
-    ) -> list[TrunkAssociation]:
+    async def describe_trunk_interface_associations(self, trunk_id: str) -> list[TrunkAssociation]:
         """Every association of one trunk, following NextToken pages."""
         params: dict[str, Any] = {
             "Filters": _filter_list({"trunk-interface-association.trunk-interface-id": [trunk_id]})

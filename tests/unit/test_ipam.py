@@ -46,7 +46,6 @@ def test_cooldown_blocks_reuse_until_it_elapses() -> None:
     assert pool.assign(key(3), 40.0).ip == a.ip
 
 
-
 def test_cooling_items_at_a_time_leave_out_the_ended_cooldowns() -> None:
     # what the checkpoint writes: a DEL burst must not re-encode every ended cooldown
     pool = pool_of("10.0.1.0/29", cooldown=30.0)
@@ -57,6 +56,7 @@ def test_cooling_items_at_a_time_leave_out_the_ended_cooldowns() -> None:
     assert pool.cooling_items(39.9) == [(a, 10.0), (b, 20.0)]
     assert pool.cooling_items(40.0) == [(b, 20.0)]
     assert pool.cooling == 1 and pool.available(40.0) == 5  # a is free again, b still cools
+
 
 def test_fifo_reuse_prefers_the_longest_free() -> None:
     pool = pool_of("10.0.1.0/29", cooldown=0.0)

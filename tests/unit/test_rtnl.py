@@ -133,13 +133,9 @@ def requests() -> dict[str, Request]:
         "newveth": veth._newveth(POD, MAC, 7),
         "getlink": rq.getlink("x", "eth0"),
         "dellink": rq.dellink("x", "eth0"),
-        "route_del": rq.route_req(
-            "x", RTM_DELROUTE, ACKED, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK
-        ),
+        "route_del": rq.route_req("x", RTM_DELROUTE, ACKED, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK),
         "route_dump": rq.route_dump(5),
-        "hostroute": rq.route_req(
-            "x", RTM_NEWROUTE, CREATE, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK
-        ),
+        "hostroute": rq.route_req("x", RTM_NEWROUTE, CREATE, dst=ip, oif=5, scope=rq.RT_SCOPE_LINK),
         "setlink_up": Request("x", RTM_SETLINK, ACKED, rq.link_msg(index=9, up=True)),
         "rules_dump": Request("r", RTM_GETRULE, DUMP, _query(fibmsg, family=2), match=ip.packed),
         "addr_dump": Request("a", RTM_GETADDR, DUMP, _query(ifaddrmsg, family=2, index=5)),
