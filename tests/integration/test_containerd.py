@@ -209,12 +209,17 @@ def test_stop_and_remove_delete_twice_and_leave_nothing(runtime: Runtime) -> Non
     # StopPodSandbox: DEL with the netns and the cached result; RemovePodSandbox: DEL again,
     # the netns gone and no prevResult
     assert calls == [("ADD", row["netns"], False), ("DEL", row["netns"], True), ("DEL", "", False)]
-    dels = [
-        e
-        for e in runtime.node.log_events()
-        if e.get("msg") == "DEL" and sandbox_id in e.get("key", "")
-    ]
-    assert len(dels) == 2, runtime.node.log()
+
+    def dels() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in runtime.node.log_events()
+            if e.get("msg") == "DEL" and sandbox_id in e.get("key", "")
+        ]
+
+    # the agent logs a DEL once its reply is written: the runtime may be back before the line
+    wait_for("two DEL lines", lambda: len(dels()) >= 2, 10, on_fail=runtime.node.log)
+    assert len(dels()) == 2, runtime.node.log()
 
     assert runtime.pod_row(sandbox_id) is None
     state = json.loads((runtime.node.dir / "state" / "state.json").read_text())
