@@ -428,6 +428,11 @@ class BranchManager:
             return now
         raise BranchPending(rec.vlan, self._step.get(now.rid, now.state.value))
 
+    @property
+    def running(self) -> bool:
+        """Whether ``run`` is running (workflows can start)."""
+        return self._tg is not None
+
     def _rid_of_token(self, token: str) -> str:
         for rid, r in self._records.items():
             if r.token == token:

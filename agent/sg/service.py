@@ -442,15 +442,22 @@ class SgService:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Retry the trunk while it is missing, run the branch workflows and sweep orphaned
-        branches, until cancelled."""
+        branches, until cancelled.
+
+        Started once ADDs can be served: with the trunk there at start, once the branch
+        workflows run (an SG pod's ADD in between would find no manager); without it, at once
+        (SG pods are answered 11 until the trunk comes)."""
         async with anyio.create_task_group() as tg:
-            task_status.started()
             if self.state in ("disabled", "unsupported") or self.eni_mode:
                 # nothing to do (eni mode: the refiller grows the sets); a service that exits
                 # is dead
+                task_status.started()
                 await anyio.sleep_forever()
             if self.mode == "strict":
                 tg.start_soon(self._keep_local_rule)
+            if self.state != "ready":
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
             while self.state != "ready":
                 await anyio.sleep(self.trunk_retry)
                 try:
@@ -459,9 +466,11 @@ class SgService:
                     self.reason = f"trunk ENI: {e}"
             manager = self.manager
             if manager is None:  # EKS's controller makes the branches
+                task_status.started()
                 await anyio.sleep_forever()
                 return
             await tg.start(manager.run)
+            task_status.started()
             tg.start_soon(self._collect_leaked, manager)
             while True:
                 await anyio.sleep(self.sweep_interval)
@@ -580,6 +589,8 @@ class SgService:
             )
         if self.manager is None:
             raise CniError(TRY_AGAIN_LATER, "branch ENIs not ready", self.reason)
+        if not self.manager.running:
+            raise CniError(TRY_AGAIN_LATER, "branch ENIs not ready", "the branch workflows start")
         pod_name = f"{req.pod_namespace}/{req.pod_name}" if req.pod_name else ""
         try:
             rec = await self.manager.acquire(

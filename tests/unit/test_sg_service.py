@@ -308,6 +308,25 @@ async def test_a_full_node_answers_code_11_naming_the_limit(
         tg.cancel_scope.cancel()
 
 
+
+async def test_started_means_sg_pods_are_served_and_before_that_they_are_answered_11(
+    node: Node, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as tg:
+        await tg.start(node.cni.run)
+        await node.cni.restore(Snapshot())
+        # the trunk is there, the branch workflows are not running yet
+        assert node.sg.manager is not None and not node.sg.manager.running
+        with pytest.raises(CniError) as e:
+            await node.cni.add(req("ADD", "early", annotations=SG))
+        assert (e.value.code, e.value.details) == (11, "the branch workflows start")
+        assert node.cni.allocations == {}
+        await tg.start(node.sg.run)
+        assert node.sg.manager.running  # no loop turn needed before an ADD is served
+        got = await node.cni.add(req("ADD", "early", annotations=SG))
+        assert got["ips"] and node.cni.allocations[req("ADD", "early").key].sg is not None
+        tg.cancel_scope.cancel()
+
 async def test_errors_a_runtime_sees(node: Node, autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as tg:
         await start(node, tg)
