@@ -99,7 +99,7 @@ class KeyLocks:
 
     @asynccontextmanager
     async def hold(self, key: PodKey) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (anyio.Lock(), 0)
+        lock, users = self._locks.get(key) or (anyio.Lock(fast_acquire=True), 0)
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
