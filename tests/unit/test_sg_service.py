@@ -308,7 +308,6 @@ async def test_a_full_node_answers_code_11_naming_the_limit(
         tg.cancel_scope.cancel()
 
 
-
 async def test_started_means_sg_pods_are_served_and_before_that_they_are_answered_11(
     node: Node, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -326,6 +325,7 @@ async def test_started_means_sg_pods_are_served_and_before_that_they_are_answere
         got = await node.cni.add(req("ADD", "early", annotations=SG))
         assert got["ips"] and node.cni.allocations[req("ADD", "early").key].sg is not None
         tg.cancel_scope.cancel()
+
 
 async def test_errors_a_runtime_sees(node: Node, autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as tg:
