@@ -195,7 +195,6 @@ async def serve(
         async with anyio.create_task_group() as tg:
             task_status.started()
             backoff = 0.0
-            accepted = 0
             while True:
                 try:
                     sock, _ = listener.accept()
@@ -223,9 +222,6 @@ async def serve(
                     stats.connections_evicted += 1
                     verdict.scope.cancel()
                     clients.remove(verdict)
-                accepted += 1
-                if accepted % 16 == 0:
-                    await anyio.lowlevel.checkpoint()  # a flood of connections yields too
                 client = _Client(since=anyio.current_time())
                 clients.append(client)
                 tg.start_soon(
@@ -241,6 +237,9 @@ async def serve(
                         limits=limits,
                     )
                 )
+                # The connection's task runs first: its request is usually there already, and
+                # the next accept (and a flood of connections) waits a loop turn.
+                await anyio.lowlevel.checkpoint()
     finally:
         listener.close()
         _release(path, ours)
