@@ -1,4 +1,5 @@
-"""Hand-packed bodies of the rtnetlink requests on the pod-wiring path.
+"""Hand-packed bodies of the rtnetlink requests on the pod-wiring path, and the attribute
+reader the struct decoders share (link replies, the watcher, tc dumps).
 
 pyroute2's message classes spend ~0.1-0.3 ms encoding each message, most of ``wire()``'s CPU;
 these functions pack the same bytes with ``struct`` in a few microseconds. They return a body
@@ -42,8 +43,28 @@ def _u32(kind: int, value: int) -> bytes:
     return nla(kind, _U32.pack(value))
 
 
-def _name(kind: int, value: str) -> bytes:
+def nla_str(kind: int, value: str) -> bytes:
+    """A NUL-terminated string attribute."""
     return nla(kind, value.encode() + b"\0")
+
+
+def attributes(raw: bytes, start: int, end: int | None = None) -> dict[int, bytes]:
+    """The attributes in ``raw[start:end]`` (to the end by default) by type, the first of each,
+    payloads only."""
+    out: dict[int, bytes] = {}
+    end = len(raw) if end is None else end
+    while start + 4 <= end:
+        size, kind = _NLA.unpack_from(raw, start)
+        if size < 4:
+            break
+        out.setdefault(kind & 0x3FFF, raw[start + 4 : start + size])
+        start += (size + 3) & ~3
+    return out
+
+
+def text(value: bytes | None) -> str:
+    """A string attribute's payload as text (up to its NUL); "" for none."""
+    return value.split(b"\0", 1)[0].decode("utf-8", "replace") if value else ""
 
 
 def _mac(value: str) -> bytes:
@@ -59,25 +80,25 @@ def new_veth(ifname: str, mtu: int, host_veth: str, host_mac: str, host_fd: int)
     """RTM_NEWLINK: veth ``ifname`` (up) here, its peer ``host_veth`` in the namespace of
     ``host_fd``."""
     peer = ifinfomsg(
-        _name(IFLA_IFNAME, host_veth),
+        nla_str(IFLA_IFNAME, host_veth),
         _u32(IFLA_MTU, mtu),
         nla(IFLA_ADDRESS, _mac(host_mac)),
         _u32(IFLA_NET_NS_FD, host_fd),
     )
     info = nla(IFLA_INFO_KIND, b"veth\0") + nla(IFLA_INFO_DATA, nla(VETH_INFO_PEER, peer))
     return ifinfomsg(
-        _name(IFLA_IFNAME, ifname), _u32(IFLA_MTU, mtu), nla(IFLA_LINKINFO, info), up=True
+        nla_str(IFLA_IFNAME, ifname), _u32(IFLA_MTU, mtu), nla(IFLA_LINKINFO, info), up=True
     )
 
 
 def link_by_name(name: str) -> bytes:
     """RTM_GETLINK / RTM_DELLINK of the link called ``name``."""
-    return ifinfomsg(_name(IFLA_IFNAME, name))
+    return ifinfomsg(nla_str(IFLA_IFNAME, name))
 
 
 def link_group(name: str, group: int) -> bytes:
     """RTM_SETLINK moving link ``name`` into link group ``group``."""
-    return ifinfomsg(_name(IFLA_IFNAME, name), _u32(IFLA_GROUP, group))
+    return ifinfomsg(nla_str(IFLA_IFNAME, name), _u32(IFLA_GROUP, group))
 
 
 def whole_group(group: int) -> bytes:

@@ -179,7 +179,6 @@ def parse_link(msg: Message) -> Link:
 
 
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
-_NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 # <linux/if_link.h>
@@ -187,40 +186,24 @@ IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO = 1, 3, 4, 5, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_VLAN_ID = 1, 2, 1
 
 
-def _nlas(raw: bytes, start: int, end: int) -> dict[int, bytes]:
-    """The attributes in ``raw[start:end]`` by type (the first of each), payloads only."""
-    out: dict[int, bytes] = {}
-    while start + 4 <= end:
-        size, kind = _NLA.unpack_from(raw, start)
-        if size < 4:
-            break
-        out.setdefault(kind & 0x3FFF, raw[start + 4 : start + size])
-        start += (size + 3) & ~3
-    return out
-
-
-def _text(value: bytes | None) -> str:
-    return value.split(b"\0", 1)[0].decode("utf-8", "replace") if value else ""
-
-
 def link_from_bytes(raw: bytes) -> Link:
     """``parse_link`` of one RTM_NEWLINK message (header included), decoded with struct."""
     _, _, index, flags, _ = _IFINFO.unpack_from(raw, 16)
-    a = _nlas(raw, 32, len(raw))
+    a = packing.attributes(raw, 32)
     kind, vlan_id = "", None
     info = a.get(IFLA_LINKINFO)
     if info is not None:
-        nested = _nlas(info, 0, len(info))
-        kind = _text(nested.get(IFLA_INFO_KIND))
+        nested = packing.attributes(info, 0)
+        kind = packing.text(nested.get(IFLA_INFO_KIND))
         data = nested.get(IFLA_INFO_DATA)
         if kind == "vlan" and data is not None:
-            vid = _nlas(data, 0, len(data)).get(IFLA_VLAN_ID)
+            vid = packing.attributes(data, 0).get(IFLA_VLAN_ID)
             vlan_id = _U16.unpack_from(vid)[0] if vid is not None and len(vid) >= 2 else None
     mtu, peer = a.get(IFLA_MTU), a.get(IFLA_LINK)
     return Link(
         index=index,
         flags=flags,
-        name=_text(a.get(IFLA_IFNAME)),
+        name=packing.text(a.get(IFLA_IFNAME)),
         mac=a.get(IFLA_ADDRESS, b"").hex(":"),
         mtu=_U32.unpack_from(mtu)[0] if mtu is not None and len(mtu) >= 4 else 0,
         peer_index=_U32.unpack_from(peer)[0] if peer is not None and len(peer) >= 4 else None,

@@ -55,6 +55,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from netlink.errors import NetlinkError
 from netlink.ns import entered_path
+from netlink.packing import attributes, text
 
 log = logging.getLogger("podwire.watcher")
 
@@ -226,7 +227,6 @@ _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
 _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
-_NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _HEAD = _NLMSGHDR.size
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 1, 3, 18, 1
@@ -243,23 +243,6 @@ FRA_DST, FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK =
 )
 
 
-def _attrs(raw: bytes, start: int) -> dict[int, bytes]:
-    """The attributes from ``start`` on, by type (the first of each), payloads only."""
-    out: dict[int, bytes] = {}
-    offset, end = start, len(raw)
-    while offset + 4 <= end:
-        size, kind = _NLA.unpack_from(raw, offset)
-        if size < 4:
-            break
-        out.setdefault(kind & 0x3FFF, raw[offset + 4 : offset + size])
-        offset += (size + 3) & ~3
-    return out
-
-
-def _text(value: bytes | None) -> str:
-    return value.split(b"\0", 1)[0].decode("utf-8", "replace") if value else ""
-
-
 def _u32(value: bytes | None) -> int | None:
     return _U32.unpack(value[:4])[0] if value is not None and len(value) >= 4 else None
 
@@ -272,15 +255,15 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
     kind: Kind = "del" if mtype in _DELETIONS else "new"
     if mtype in (_RTM_NEWLINK, _RTM_DELLINK):
         _, _, index, flags, _ = _IFINFO.unpack_from(raw, _HEAD)
-        a = _attrs(raw, _HEAD + _IFINFO.size)
+        a = attributes(raw, _HEAD + _IFINFO.size)
         info = a.get(IFLA_LINKINFO)
         return LinkEvent(
             kind=kind,
             index=index,
-            name=_text(a.get(IFLA_IFNAME)),
+            name=text(a.get(IFLA_IFNAME)),
             mac=a.get(IFLA_ADDRESS, b"").hex(":"),
             up=bool(flags & _IFF_UP),
-            kind_of_link=_text(_attrs(info, 0).get(IFLA_INFO_KIND)) if info else "",
+            kind_of_link=text(attributes(info, 0).get(IFLA_INFO_KIND)) if info else "",
         )
     if mtype in (_RTM_DELQDISC, _RTM_DELTFILTER):
         _, index, _, parent, _ = _TCMSG.unpack_from(raw, _HEAD)
@@ -290,7 +273,7 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
         return None
     if mtype in (_RTM_NEWADDR, _RTM_DELADDR):
         _, prefixlen, _, _, index = _IFADDR.unpack_from(raw, _HEAD)
-        a = _attrs(raw, _HEAD + _IFADDR.size)
+        a = attributes(raw, _HEAD + _IFADDR.size)
         address = _ipv4(a.get(IFA_LOCAL)) or _ipv4(a.get(IFA_ADDRESS))
         if address is None:
             return None
@@ -299,12 +282,12 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
             index=index,
             address=address,
             prefixlen=prefixlen,
-            label=_text(a.get(IFA_LABEL)),
+            label=text(a.get(IFA_LABEL)),
         )
     if mtype in (_RTM_NEWROUTE, _RTM_DELROUTE, _RTM_NEWRULE, _RTM_DELRULE):
         # rtmsg and fib_rule_hdr share their layout: action sits where a route's type does
         _, dst_len, src_len, _, table, proto, scope, rtype, _ = _RTMSG.unpack_from(raw, _HEAD)
-        a = _attrs(raw, _HEAD + _RTMSG.size)
+        a = attributes(raw, _HEAD + _RTMSG.size)
         if mtype in (_RTM_NEWROUTE, _RTM_DELROUTE):
             return RouteEvent(
                 kind=kind,
@@ -328,7 +311,7 @@ def _decode_one(mtype: int, raw: bytes) -> Event | None:
             dst_len=dst_len,
             fwmark=_u32(a.get(FRA_FWMARK)),
             fwmask=_u32(a.get(FRA_FWMASK)),
-            iifname=_text(a.get(FRA_IIFNAME)),
+            iifname=text(a.get(FRA_IIFNAME)),
             action=rtype,
         )
     return None

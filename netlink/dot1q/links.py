@@ -39,7 +39,7 @@ from netlink.dot1q import kernel, tc
 from netlink.dot1q.programs import Branch, demux, tagger, tags
 from netlink.dot1q.tc import BpfFilter
 from netlink.errors import NetlinkError, RequestFailed
-from netlink.packing import ifinfomsg, nla
+from netlink.packing import ifinfomsg, nla, nla_str
 from netlink.requests import GONE_LINK, LINK_KEEP, dellink, getlink, link_msg, only_link
 from netlink.rtnl import ACKED, CREATE, DUMP, Message, Request, Rtnl
 
@@ -238,16 +238,12 @@ def stale(rtnl: Rtnl, parents: Iterable[int] = ()) -> list[Demux]:
     return [s for s in states if not s.exact]
 
 
-def _text(kind: int, value: str) -> bytes:
-    return nla(kind, value.encode() + b"\0")
-
-
 def _new_veth(link: Dot1qLink, mtu: int) -> Request:
     """The veth pair, the link's end up; packed by hand (pyroute2 spends ~1 ms on this)."""
-    peer = ifinfomsg(_text(IFLA_IFNAME, link.peer), nla(IFLA_MTU, struct.pack("=I", mtu)))
+    peer = ifinfomsg(nla_str(IFLA_IFNAME, link.peer), nla(IFLA_MTU, struct.pack("=I", mtu)))
     info = nla(IFLA_INFO_KIND, b"veth\0") + nla(IFLA_INFO_DATA, nla(VETH_INFO_PEER, peer))
     body = ifinfomsg(
-        _text(IFLA_IFNAME, link.name),
+        nla_str(IFLA_IFNAME, link.name),
         nla(IFLA_ADDRESS, bytes.fromhex(link.mac.replace(":", ""))),
         nla(IFLA_MTU, struct.pack("=I", mtu)),
         nla(IFLA_LINKINFO, info),
@@ -258,8 +254,8 @@ def _new_veth(link: Dot1qLink, mtu: int) -> Request:
 
 def _set_alias_and_peer_up(link: Dot1qLink) -> list[Request]:
     # The alias is not applied by a create: set it on its own, in the same batch.
-    alias = ifinfomsg(_text(IFLA_IFNAME, link.name), _text(IFLA_IFALIAS, link.alias))
-    peer = ifinfomsg(_text(IFLA_IFNAME, link.peer), up=True)
+    alias = ifinfomsg(nla_str(IFLA_IFNAME, link.name), nla_str(IFLA_IFALIAS, link.alias))
+    peer = ifinfomsg(nla_str(IFLA_IFNAME, link.peer), up=True)
     return [
         Request(f"alias of {link.name}", RTM_SETLINK, ACKED, alias),
         Request(f"{link.peer} up", RTM_SETLINK, ACKED, peer),

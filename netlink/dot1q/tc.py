@@ -22,7 +22,7 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWTFILTER,
 )
 
-from netlink.packing import nla
+from netlink.packing import attributes, nla, nla_str
 from netlink.rtnl import ACKED, DUMP, REPLACE, Message, Request
 
 Direction = Literal["ingress", "egress"]
@@ -40,7 +40,6 @@ PRIORITY, HANDLE = 1, 1
 NAME_MAX = 255  # CLS_BPF_NAME_LEN - 1
 
 _TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
-_NLA = struct.Struct("=HH")
 _HEADER_SIZE = 16
 
 
@@ -48,13 +47,9 @@ def _tcmsg(ifindex: int, handle: int, parent: int, info: int = 0) -> bytes:
     return _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, info)
 
 
-def _text(kind: int, value: str) -> bytes:
-    return nla(kind, value.encode() + b"\0")
-
-
 def add_clsact(ifindex: int) -> Request:
     """The ``clsact`` qdisc on ``ifindex`` (kept when it is there already)."""
-    body = _tcmsg(ifindex, CLSACT_HANDLE, TC_H_CLSACT) + _text(TCA_KIND, "clsact")
+    body = _tcmsg(ifindex, CLSACT_HANDLE, TC_H_CLSACT) + nla_str(TCA_KIND, "clsact")
     return Request(f"add clsact on ifindex {ifindex}", RTM_NEWQDISC, REPLACE, body)
 
 
@@ -70,12 +65,12 @@ def set_filter(ifindex: int, direction: Direction, fd: int, name: str) -> Reques
     info = (PRIORITY << 16) | socket.htons(ETH_P_ALL)
     options = (
         nla(TCA_BPF_FD, struct.pack("=I", fd))
-        + _text(TCA_BPF_NAME, name[:NAME_MAX])
+        + nla_str(TCA_BPF_NAME, name[:NAME_MAX])
         + nla(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
     )
     body = (
         _tcmsg(ifindex, HANDLE, PARENTS[direction], info)
-        + _text(TCA_KIND, "bpf")
+        + nla_str(TCA_KIND, "bpf")
         + nla(TCA_OPTIONS | NLA_F_NESTED, options)
     )
     return Request(
@@ -86,7 +81,7 @@ def set_filter(ifindex: int, direction: Direction, fd: int, name: str) -> Reques
 def delete_filter(ifindex: int, direction: Direction) -> Request:
     """Remove our filter (priority and handle) from ``direction`` of ``ifindex``."""
     info = (PRIORITY << 16) | socket.htons(ETH_P_ALL)
-    body = _tcmsg(ifindex, HANDLE, PARENTS[direction], info) + _text(TCA_KIND, "bpf")
+    body = _tcmsg(ifindex, HANDLE, PARENTS[direction], info) + nla_str(TCA_KIND, "bpf")
     return Request(f"detach from {direction} of ifindex {ifindex}", RTM_DELTFILTER, ACKED, body)
 
 
@@ -116,25 +111,14 @@ class BpfFilter:
         return self.priority == PRIORITY and self.handle == HANDLE
 
 
-def _attributes(raw: bytes, offset: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        size, kind = _NLA.unpack_from(raw, offset)
-        if size < 4:
-            break
-        out[kind & 0x3FFF] = raw[offset + 4 : offset + size]
-        offset += (size + 3) & ~3
-    return out
-
-
 def parse_filter(raw: bytes) -> BpfFilter | None:
     """The ``bpf`` filter in one RTM_NEWTFILTER message (header included); None for any other
     kind (and for the chain's empty template entry)."""
     _, ifindex, handle, parent, info = _TCMSG.unpack_from(raw, _HEADER_SIZE)
-    top = _attributes(raw, _HEADER_SIZE + _TCMSG.size, len(raw))
+    top = attributes(raw, _HEADER_SIZE + _TCMSG.size)
     if top.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf" or TCA_OPTIONS not in top:
         return None
-    options = _attributes(top[TCA_OPTIONS], 0, len(top[TCA_OPTIONS]))
+    options = attributes(top[TCA_OPTIONS], 0)
     flags = struct.unpack("=I", options[TCA_BPF_FLAGS])[0] if TCA_BPF_FLAGS in options else 0
     prog_id = struct.unpack("=I", options[TCA_BPF_ID])[0] if TCA_BPF_ID in options else 0
     return BpfFilter(
