@@ -25,10 +25,10 @@ from typing import Any
 
 from cloud.aws.ec2 import EC2_ACTIONS_USED as ACTIONS
 from cloud.emulator import Vpc
+from tests import harness
 from tests.harness import CniResult, Node
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CREDS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -43,23 +43,8 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def aws_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, **aws: Any) -> Node:
     vnode = vpc.add_node(instance_type, subnet)
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        "min_eni_age": 1.0,
-        "release_interval": 1.0,
-        "refill_interval": 1.0,
-        **aws,
-    }
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
-        cooldown=0.0,
-        tag=tag,
-    )
+    fast = {"min_eni_age": 1.0, "release_interval": 1.0, "refill_interval": 1.0}
+    node = harness.aws_node(vpc, vnode, aws={**fast, **aws}, cooldown=0.0, tag=tag)
     node.start(timeout=60)
     return node
 

@@ -30,10 +30,9 @@ from typing import Any
 
 import boto3
 
-from bench.aws_pool import CREDS
 from bench.datapath import iperf
 from cloud.emulator import Vpc
-from tests.harness import Node
+from tests.harness import Node, aws_node
 from tests.netns import Netns
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,23 +80,19 @@ class Bed:
         )
         self.vm = vpc.add_instance(subnet, security_groups=[vm_group])
         vnode = vpc.add_node("m5.4xlarge", subnet)
-        settings = {
-            "imds_url": vnode.imds_url,
-            "ec2_endpoint": vnode.ec2_url,
-            "region": vpc.region,
-            "refill_interval": 1.0,
+        section = {
+            "enabled": True,
+            "branch_link": "vlan",
+            "branch_cooldown": 1.0,
+            "branch_wait": 20.0,
         }
-        self.node = Node(
-            netns=vnode.netns,
-            primary_ip=vnode.primary_ip,
-            aws=settings,
-            env=CREDS,
+        self.node = aws_node(
+            vpc,
+            vnode,
+            aws={"refill_interval": 1.0},
+            security_groups=section,
             cooldown=0.0,
             tag="blink",
-            extra_config=(
-                '[security_groups]\nenabled = true\nbranch_link = "vlan"\n'
-                "branch_cooldown = 1.0\nbranch_wait = 20.0\n"
-            ),
         )
         self.node.start(timeout=60)
         self.resolved = self.node.call("agent.status")["security_groups"]["link"]

@@ -35,32 +35,24 @@ from typing import Any
 
 import boto3
 
-from bench.aws_pool import CREDS, summary
+from bench.aws_pool import summary
 from cloud.aws.ec2 import EC2_ACTIONS_USED as ACTIONS
 from cloud.emulator import Vpc
-from tests.harness import CniResult, Node
+from tests.harness import CniResult, Node, aws_node
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sg_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, cooldown: float) -> Node:
     vnode = vpc.add_node(instance_type, subnet)
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        "refill_interval": 1.0,
-    }
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
+    section = {"enabled": True, "branch_cooldown": cooldown, "branch_wait": 20.0}
+    node = aws_node(
+        vpc,
+        vnode,
+        aws={"refill_interval": 1.0},
+        security_groups=section,
         cooldown=0.0,
         tag=tag,
-        extra_config=(
-            f"[security_groups]\nenabled = true\nbranch_cooldown = {cooldown}\nbranch_wait = 20.0\n"
-        ),
     )
     node.start(timeout=60)
     return node
@@ -192,23 +184,14 @@ def main(argv: list[str] | None = None) -> int:
 def eni_node(vpc: Vpc, instance_type: str, subnet: Any, tag: str, **sg: Any) -> Node:
     """A node in eni mode: short set cooldown and ENI age, so a churn settles in seconds."""
     vnode = vpc.add_node(instance_type, subnet)
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        "refill_interval": 1.0,
-        "min_eni_age": 1.0,
-    }
     section = {"enabled": True, "mode": "eni", "set_cooldown": 1.0, "branch_wait": 20.0, **sg}
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
+    node = aws_node(
+        vpc,
+        vnode,
+        aws={"refill_interval": 1.0, "min_eni_age": 1.0},
+        security_groups=section,
         cooldown=0.0,
         tag=tag,
-        extra_config="[security_groups]\n"
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()),
     )
     node.start(timeout=60)
     return node

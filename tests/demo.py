@@ -26,12 +26,11 @@ from typing import Any
 
 from cloud.emulator import Vpc
 from tests.frames import udp_from, vlan_of_next_frame
-from tests.harness import CniResult, Node, ping
+from tests.harness import CniResult, Node, aws_node, ping
 from tests.netns import Netns
 
 PODS_PER_NODE = 12
 PORT = 7007
-CREDS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo"}
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 PLAIN = "\033[0m" if sys.stdout.isatty() else ""
 STARTED = time.monotonic()
@@ -103,15 +102,7 @@ def aws_demo() -> int:
             )
             for name in ("node-a", "node-b"):
                 vnode = vpc.add_node("m5.large", subnet)
-                aws: dict[str, Any] = {
-                    "imds_url": vnode.imds_url,
-                    "ec2_endpoint": vnode.ec2_url,
-                    "region": vpc.region,
-                    "min_eni_age": 5.0,
-                }
-                node = Node(
-                    netns=vnode.netns, primary_ip=vnode.primary_ip, aws=aws, env=CREDS, tag=name
-                )
+                node = aws_node(vpc, vnode, aws={"min_eni_age": 5.0}, tag=name)
                 nodes.append(node)
                 node.start()
                 print(
@@ -255,22 +246,8 @@ def security_groups_story(vpc: Vpc, subnet: Any, nodes: list[Node]) -> int:
             "agent attaches a trunk ENI"
         )
         vnode = vpc.add_node("m5.large", subnet)
-        aws: dict[str, Any] = {
-            "imds_url": vnode.imds_url,
-            "ec2_endpoint": vnode.ec2_url,
-            "region": vpc.region,
-        }
-        node = Node(
-            netns=vnode.netns,
-            primary_ip=vnode.primary_ip,
-            aws=aws,
-            env=CREDS,
-            tag=name,
-            extra_config=(
-                f'[security_groups]\nenabled = true\nenforcing_mode = "{mode}"\n'
-                "branch_cooldown = 10.0\n"
-            ),
-        )
+        section = {"enabled": True, "enforcing_mode": mode, "branch_cooldown": 10.0}
+        node = aws_node(vpc, vnode, security_groups=section, tag=name)
         nodes.append(node)
         node.start()
         print("  " + node.ctl("status").stdout.splitlines()[-1])

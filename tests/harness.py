@@ -28,6 +28,8 @@ from tests.netns import Netns, unique_name
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
+# The emulated EC2 (moto) takes any keys; the agent's SDK wants some.
+EMULATOR_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
 class CniResult:
@@ -292,6 +294,38 @@ class Node:
             pod.close()
         self.netns.close()
         subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+
+
+def toml_table(name: str, values: Mapping[str, Any]) -> str:
+    """``[name]`` and a ``key = value`` line per item (JSON values, which TOML reads as such)."""
+    return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def aws_node(
+    vpc: Any,
+    vnode: Any,
+    *,
+    aws: Mapping[str, Any] | None = None,
+    security_groups: Mapping[str, Any] | None = None,
+    extra_config: str = "",
+    **kw: Any,
+) -> Node:
+    """A Node (not started) for the emulated instance ``vnode`` of ``vpc`` (cloud.emulator's
+    VpcNode and Vpc): the aws provider on its IMDS, the VPC's EC2 endpoint and region and the
+    emulator's credentials. ``aws`` adds [aws] keys, ``security_groups`` a [security_groups]
+    table after ``extra_config``; the rest goes to Node."""
+    settings = {
+        "imds_url": vnode.imds_url,
+        "ec2_endpoint": vnode.ec2_url,
+        "region": vpc.region,
+        **(aws or {}),
+    }
+    if security_groups is not None:
+        extra_config += toml_table("security_groups", security_groups)
+    kw.setdefault("netns", vnode.netns)
+    kw.setdefault("primary_ip", vnode.primary_ip)
+    kw["env"] = {**EMULATOR_CREDENTIALS, **kw.get("env", {})}
+    return Node(aws=settings, extra_config=extra_config, **kw)
 
 
 @contextlib.contextmanager

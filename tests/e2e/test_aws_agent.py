@@ -13,12 +13,11 @@ import pytest
 from cloud.emulator import Vpc
 from cloud.emulator.api import Node as VpcNode
 from cloud.emulator.api import Subnet
-from tests.harness import CniResult, Node, ping
+from tests.harness import CniResult, Node, aws_node, ping
 from tests.netns import Netns
 
 pytestmark = pytest.mark.root
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 TAG_INSTANCE = "node.k8s.amazonaws.com/instance_id"
 FAST = {
     "retry_base": 0.02,
@@ -32,21 +31,7 @@ FAST = {
 
 
 def agent_on(vpc: Vpc, vnode: VpcNode, tag: str, **aws: Any) -> Node:
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        **FAST,
-        **aws,
-    }
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
-        cooldown=1.0,
-        tag=tag,
-    )
+    node = aws_node(vpc, vnode, aws={**FAST, **aws}, cooldown=1.0, tag=tag)
     node.start()
     return node
 
@@ -317,16 +302,7 @@ def test_readiness_follows_the_provider_and_liveness_stays(vpc: Vpc) -> None:
     subnet = vpc.add_subnet("10.0.96.0/20")
     vnode = vpc.add_node("m5.large", subnet)
     vpc.faults.error("DescribeInstanceTypes", 6, status=503)  # 3 restore attempts of 2 tries fail
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        **FAST,
-        "retry_attempts": 2,
-    }
-    node = Node(
-        netns=vnode.netns, primary_ip=vnode.primary_ip, aws=settings, env=CREDS, tag="ready"
-    )
+    node = aws_node(vpc, vnode, aws={**FAST, "retry_attempts": 2}, tag="ready")
     try:
         node.start(wait=False)
 

@@ -19,12 +19,11 @@ import pytest
 
 from cloud.emulator import Vpc
 from cloud.emulator.api import Node as VpcNode
-from tests.harness import CniResult, Node
+from tests.harness import CniResult, Node, aws_node
 from tests.netns import Netns
 
 pytestmark = pytest.mark.root
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 TAG_INSTANCE = "node.k8s.amazonaws.com/instance_id"
 TAG_VLAN = "podwire.io/vlan-id"
 FAST = {
@@ -41,28 +40,15 @@ FAST = {
 def sg_agent(
     vpc: Vpc, vnode: VpcNode, tag: str, *, cooldown: float = 2.0, prelude: str = "", **sg: Any
 ) -> Node:
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        **FAST,
-    }
-    section = {
-        "enabled": True,
-        "branch_cooldown": cooldown,
-        "branch_wait": 10.0,
-        **sg,
-    }
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
+    section = {"enabled": True, "branch_cooldown": cooldown, "branch_wait": 10.0, **sg}
+    node = aws_node(
+        vpc,
+        vnode,
+        aws=FAST,
+        security_groups=section,
+        extra_config=prelude,
         cooldown=1.0,
         tag=tag,
-        extra_config=prelude
-        + "[security_groups]\n"
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()),
     )
     node.start()
     return node

@@ -9,7 +9,6 @@ complete AND a drop counted by the router for the receiving ENI."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import subprocess
 import sys
 import time
@@ -21,9 +20,9 @@ import pytest
 
 from cloud.emulator import Vpc
 from cloud.emulator.api import Node as VpcNode
-from tests.harness import Node
+from tests.harness import Node, aws_node
 
-from .test_sg_pods import CREDS, FAST, add, conf, ec2_calls, groups, until
+from .test_sg_pods import FAST, add, conf, ec2_calls, groups, until
 from .test_sg_traffic import INTERNET, tcp
 
 pytestmark = pytest.mark.root
@@ -35,13 +34,6 @@ TAG_GROUPS = "podwire.io/security-groups"
 
 def eni_agent(vpc: Vpc, vnode: VpcNode, tag: str, **sg: Any) -> Node:
     """An agent in eni mode: sets of groups on ENIs of their own, short timers."""
-    settings = {
-        "imds_url": vnode.imds_url,
-        "ec2_endpoint": vnode.ec2_url,
-        "region": vpc.region,
-        **FAST,
-        "reconcile_interval": 2.0,
-    }
     section = {
         "enabled": True,
         "mode": "eni",
@@ -50,15 +42,13 @@ def eni_agent(vpc: Vpc, vnode: VpcNode, tag: str, **sg: Any) -> Node:
         "branch_wait": 15.0,
         **sg,
     }
-    node = Node(
-        netns=vnode.netns,
-        primary_ip=vnode.primary_ip,
-        aws=settings,
-        env=CREDS,
+    node = aws_node(
+        vpc,
+        vnode,
+        aws={**FAST, "reconcile_interval": 2.0},
+        security_groups=section,
         cooldown=1.0,
         tag=tag,
-        extra_config="[security_groups]\n"
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in section.items()),
     )
     node.start()
     return node

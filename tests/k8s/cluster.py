@@ -48,7 +48,7 @@ from cloud.emulator.api import Node as VpcNode
 from cloud.emulator.netns import call_in_netns
 from cloud.emulator.netns import cleanup as emulator_cleanup
 from tests.cri import Containerd, Cri, NodeHost, cleanup_stale, install_into, wait_for
-from tests.harness import Node
+from tests.harness import Node, aws_node
 from tests.k8s import artifacts
 from tests.k8s.api import Api, NotFound
 from tests.k8s.pki import Pki, kubeconfig
@@ -59,7 +59,6 @@ SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 VPC_CIDR = "10.0.0.0/16"
 STATIC_POD_CIDR = "10.0.64.0/24"
-AWS_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 STARTUP = 180.0  # generous: two cores shared with other test runs
 # The podwire agents' identity in the cluster (deploy/kubernetes/serviceaccount.yaml): its requests
 # are audited, so a test can hold the RBAC of deploy/kubernetes/rbac.yaml to what is used.
@@ -375,16 +374,10 @@ class Worker:
                 tag=name,
             )
         else:
-            settings = {
-                "imds_url": vnode.imds_url,
-                "ec2_endpoint": vnode.ec2_url,
-                "region": vpc.region,
-            }
-            self.agent = Node(
-                netns=vnode.netns,
+            self.agent = aws_node(
+                vpc,
+                vnode,
                 primary_ip=self.ip,
-                aws=settings,
-                env=AWS_CREDENTIALS,
                 extra_config=kube + f'kubeconfig = "{cp.agent_kubeconfig}"\n' + agent_config,
                 tag=name,
             )
