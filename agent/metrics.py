@@ -50,15 +50,23 @@ PHASE_BUCKETS = (
 SNAT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
-class PoolCollector(Collector):
+class ScrapeCollector(Collector):
+    """State read at scrape time: ``_families`` makes the empty families afresh, ``collect``
+    fills them; ``describe`` names them without reading any state."""
+
+    def _families(self) -> tuple[Metric, ...]:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+
+class PoolCollector(ScrapeCollector):
     """``podwire_pool_addresses{owner,state}`` from an IpPool at scrape time."""
 
     def __init__(self, pool: IpPool, clock: Callable[[], float]) -> None:
         self.pool = pool
         self.clock = clock
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families())
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         addresses = GaugeMetricFamily(
@@ -88,14 +96,11 @@ class PoolCollector(Collector):
         yield withdrawn
 
 
-class RpcCollector(Collector):
+class RpcCollector(ScrapeCollector):
     """The RPC server's connection and request counts, from its ServerStats at scrape time."""
 
     def __init__(self, stats: ServerStats) -> None:
         self.stats = stats
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families())
 
     def _families(
         self,
@@ -138,14 +143,11 @@ class RpcCollector(Collector):
         yield from (active, connections, requests, closed, accept_errors)
 
 
-class HealthCollector(Collector):
+class HealthCollector(ScrapeCollector):
     """``podwire_service_alive{service}`` and ``podwire_ready_condition{condition}``."""
 
     def __init__(self, health: Health) -> None:
         self.health = health
-
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families())
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (

@@ -75,16 +75,19 @@ def add_retrying(node: Node, pod: Any, group: str | None) -> CniResult:
         time.sleep(0.1)
 
 
+def timed_add(node: Node, group: str | None, name: str = "b") -> float:
+    """One ADD of a new pod (with ``group``, or none), in ms; it must succeed."""
+    pod = node.new_pod(name)
+    c = conf(node, group)
+    start = time.perf_counter()
+    r = node.add(pod, conf=c)
+    elapsed = (time.perf_counter() - start) * 1000
+    assert r.code == 0, r
+    return elapsed
+
+
 def timed_adds(node: Node, n: int, group: str | None) -> list[float]:
-    out = []
-    for _ in range(n):
-        pod = node.new_pod("b")
-        c = conf(node, group)
-        start = time.perf_counter()
-        r = node.add(pod, conf=c)
-        out.append((time.perf_counter() - start) * 1000)
-        assert r.code == 0, r
-    return out
+    return [timed_add(node, group) for _ in range(n)]
 
 
 def ec2_calls(node: Node) -> float:
@@ -228,12 +231,7 @@ def warm_adds(node: Node, n: int, group: str | None) -> list[float]:
             _until("shared pool warm", lambda: _shared_free(node) > 0)
         elif _set_row(node, group) is not None:  # a set no pod asked for yet has no ENI
             _until("set warm", lambda: _set_free(node, group) > 0)
-        pod = node.new_pod("w")
-        c = conf(node, group)
-        start = time.perf_counter()
-        r = node.add(pod, conf=c)
-        out.append((time.perf_counter() - start) * 1000)
-        assert r.code == 0, r
+        out.append(timed_add(node, group, "w"))
     return out
 
 

@@ -15,29 +15,26 @@ no address: ``eni_slots``), and at scrape time ``podwire_sg_set_enis{set}``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from agent.metrics import ScrapeCollector
 
 PREFIX = "podwire_"
 # Create + associate: two EC2 calls, a second or two; tens when throttled.
 WORKFLOW_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 
 
-class BranchCollector(Collector):
+class BranchCollector(ScrapeCollector):
     """The branch manager's counts and the trunk's state, at scrape time."""
 
     def __init__(self, state: Callable[[], Mapping[str, float]]) -> None:
         self._state = state
 
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families())
-
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, ...]:
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
             GaugeMetricFamily(
                 f"{PREFIX}branch_enis", "Branch ENIs of this node by state.", labels=("state",)
@@ -70,17 +67,13 @@ class BranchCollector(Collector):
         yield from (enis, limit, others, trunk, link)
 
 
-class SetCollector(Collector):
+class SetCollector(ScrapeCollector):
     """eni mode's sets (``SetPools.rows``), at scrape time."""
 
     def __init__(self, rows: Callable[[], Sequence[Mapping[str, Any]]]) -> None:
         self._rows = rows
 
-    def describe(self) -> Iterable[Metric]:
-        return list(self._families())
-
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, ...]:
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (
             GaugeMetricFamily(
                 f"{PREFIX}sg_set_enis", "ENIs of a set of security groups.", labels=("set",)

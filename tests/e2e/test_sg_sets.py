@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from cloud.emulator import Vpc
@@ -23,11 +22,11 @@ from cloud.emulator.api import Node as VpcNode
 from tests.harness import Node, aws_node
 
 from .test_sg_pods import FAST, add, conf, ec2_calls, groups, until
-from .test_sg_traffic import INTERNET, tcp
+from .test_sg_traffic import DB_PORT, INTERNET, tcp
+from .test_sg_traffic import Env as TrafficEnv
 
 pytestmark = pytest.mark.root
 
-DB_PORT = 5432
 TAG_INSTANCE = "node.k8s.amazonaws.com/instance_id"
 TAG_GROUPS = "podwire.io/security-groups"
 
@@ -54,33 +53,9 @@ def eni_agent(vpc: Vpc, vnode: VpcNode, tag: str, **sg: Any) -> Node:
     return node
 
 
-class Env:
-    def __init__(self, vpc: Vpc) -> None:
-        self.vpc = vpc
-        self.ec2 = boto3.client("ec2", **vpc.client_kwargs())
-        self.subnet = vpc.add_subnet("10.0.1.0/24")
-        self.app = self.group("app")
-        self.other = self.group("other")
-        self.db_group = self.group("db")
-        self.ec2.authorize_security_group_ingress(
-            GroupId=self.db_group,
-            IpPermissions=[
-                {
-                    "IpProtocol": "tcp",
-                    "FromPort": DB_PORT,
-                    "ToPort": DB_PORT,
-                    "UserIdGroupPairs": [{"GroupId": self.app}],
-                }
-            ],
-        )
-        self.db = vpc.add_instance(self.subnet, security_groups=[self.db_group])
-        self.db.serve(DB_PORT)
-
-    def group(self, name: str) -> str:
-        made = self.ec2.create_security_group(
-            GroupName=name, Description=name, VpcId=self.vpc.vpc_id
-        )
-        return str(made["GroupId"])
+class Env(TrafficEnv):
+    """test_sg_traffic's VPC (groups app, other, db; a database admitting app), and the ENIs
+    the agent made for sets."""
 
     def set_enis(self, vnode: VpcNode) -> list[dict[str, Any]]:
         """ENIs the agent made for sets of groups, wherever they are (attached or not)."""
