@@ -25,7 +25,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from netlink import packing
-from netlink.rtnl import ACKED, DUMP, Message, Reply, Request
+from netlink.rtnl import ACKED, DUMP, Message, Reply, Request, Rtnl
 
 RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
@@ -210,6 +210,16 @@ def link_from_bytes(raw: bytes) -> Link:
         kind=kind,
         vlan_id=vlan_id,
     )
+
+
+def dump_links(rtnl: Rtnl, op: str, query: Message, keep: frozenset[int]) -> list[Link]:
+    """Dump the links ``query`` selects, decoded with struct (a node's hundreds of links cost
+    ~10x the CPU through pyroute2). Raises RequestFailed."""
+    request = Request(op, RTM_GETLINK, DUMP, query, keep=keep, raw=True)
+    reply = rtnl.one(request)
+    if reply.error:
+        raise reply.failure(op)
+    return [link_from_bytes(raw) for raw in reply.links]
 
 
 def only_link(reply: Reply) -> Link | None:

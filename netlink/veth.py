@@ -45,7 +45,6 @@ from pyroute2.netlink.rtnl import (
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_GETADDR,
-    RTM_GETLINK,
     RTM_GETNEIGH,
     RTM_GETRULE,
     RTM_NEWADDR,
@@ -90,13 +89,12 @@ from netlink.requests import (
     Link,
     delete_group,
     dellink,
+    dump_links,
     getlink,
     is_route,
-    link_from_bytes,
     link_msg,
     link_up,
     only_link,
-    parse_link,
     route_dump,
     route_req,
     rule_req,
@@ -807,17 +805,11 @@ class Datapath:
         """Return every host link named with one of HOST_VETH_PREFIXES, by name, with its
         ifindex."""
         query = link_msg(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}))
-        found: dict[str, int] = {}
-        # raw: a node's hundreds of links decoded with struct, not pyroute2 (~10x the CPU)
-        links = Request("links", RTM_GETLINK, DUMP, query, keep=LINK_KEEP, raw=True)
-        reply = self._host().one(links)
-        if reply.error:
-            raise reply.failure(links.op)
-        for raw in reply.links:
-            link = link_from_bytes(raw)
-            if link.name.startswith(HOST_VETH_PREFIXES):
-                found[link.name] = link.index
-        return found
+        return {
+            link.name: link.index
+            for link in dump_links(self._host(), "links", query, LINK_KEEP)
+            if link.name.startswith(HOST_VETH_PREFIXES)
+        }
 
     # -- branch ENIs: node-wide state, and what GC looks at --
 
@@ -875,13 +867,11 @@ class Datapath:
 
     def branch_links(self) -> dict[str, Link]:
         """Every ``vlan.eth.<vid>`` link of the host namespace, by name."""
-        out: dict[str, Link] = {}
-        dump = Request("links", RTM_GETLINK, DUMP, link_msg(), keep=LINK_KEEP_KIND)
-        for msg in self._host().dump(dump):
-            link = parse_link(msg)
-            if vlan.vlan_of_link(link.name) is not None:
-                out[link.name] = link
-        return out
+        return {
+            link.name: link
+            for link in dump_links(self._host(), "links", link_msg(), LINK_KEEP_KIND)
+            if vlan.vlan_of_link(link.name) is not None
+        }
 
     def vlan_support(self) -> dot1q_links.Support:
         """What the host namespace's kernel offers for branch links (creates nothing)."""
