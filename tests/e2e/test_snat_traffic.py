@@ -149,9 +149,11 @@ def test_a_flushed_ruleset_is_put_back(cluster: dict[str, Any]) -> None:
         node_a.netns.run("nft", "flush", "table", "ip", "podwire")
     else:
         node_a.netns.run("iptables-nft", "-t", "nat", "-F", "PODWIRE-SNAT")
-    # the verify interval is an hour: only the change notification can bring it back this fast
-    assert until(lambda: node_a.call("agent.snat")["repairs"], before + 1) == before + 1
-    assert seen_by(pod_a, INTERNET) == node_a.primary_ip
+    # The verify interval is an hour: only the change notification can bring it back this fast.
+    # Judged by the traffic once it is NATed again, not at the moment the counter moves (a CI
+    # run saw the counter move with the datagram right after still leaving un-NATed).
+    assert until(lambda: seen_by(pod_a, INTERNET), node_a.primary_ip) == node_a.primary_ip
+    assert node_a.call("agent.snat")["repairs"] >= before + 1
 
 
 def test_excluded_cidrs_keep_the_pod_address() -> None:
